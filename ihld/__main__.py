@@ -1,0 +1,3 @@
+from ihld.cli import main
+
+raise SystemExit(main())

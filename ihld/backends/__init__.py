@@ -1,0 +1,1 @@
+"""Inference backends: one client per server kind, behind the protocol in ``base``."""

@@ -1,0 +1,427 @@
+"""The engine: jobs in memory, the scheduler, and the actions it asks for.
+
+One dispatch loop asks the scheduler what to do and starts one asyncio task
+per action (run a stage, load or unload a model). When an action ends, its
+outcome is applied in a fixed order: checkpoint the job, enqueue the stages
+that became ready, and only then free the slot, so the scheduler never sees
+a model as idle while its next stage is on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from ihld.actors import Actor, StageContext
+from ihld.backends.base import Backend, BackendError
+from ihld.config import Config
+from ihld.executor import BackendDown, Outcome, StageDone, StageFailed, StageRetry, run_stage
+from ihld.progress import JobProgress
+from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
+from ihld.spool import InflightLog, Spool
+
+log = structlog.get_logger("ihld")
+
+Notify = Callable[..., Awaitable[None]]
+
+
+@dataclass
+class ModelFigures:
+    """What ihld has learned of one model from the server's own figures."""
+
+    loads: int = 0
+    load_s_total: float = 0.0
+    load_s_ewma: float | None = None
+    service_s_ewma: float | None = None  # wall time of one stage
+    tokens_per_s_ewma: float | None = None
+    stages: int = 0
+
+    def learn_load(self, seconds: float) -> None:
+        self.loads += 1
+        self.load_s_total += seconds
+        self.load_s_ewma = seconds if self.load_s_ewma is None else 0.7 * self.load_s_ewma + 0.3 * seconds
+
+    def learn_stage(self, record: Mapping[str, Any]) -> None:
+        self.stages += 1
+        wall = float(record.get("wall_s", 0.0))
+        self.service_s_ewma = wall if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * wall
+        count, duration = record.get("eval_count"), record.get("eval_duration")
+        if count and duration:
+            rate = count / duration * 1e9
+            self.tokens_per_s_ewma = (
+                rate if self.tokens_per_s_ewma is None else 0.9 * self.tokens_per_s_ewma + 0.1 * rate
+            )
+
+
+@dataclass
+class Counters:
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    jobs_rejected: int = 0
+    stages_done: int = 0
+    stage_retries: int = 0
+    finished_at: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=100_000)
+    )
+
+
+async def _no_notify(hook: str, **kwargs: Any) -> None:
+    return None
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spool: Spool,
+        backends: Mapping[str, Backend],
+        actors: Callable[[], Mapping[str, Actor]],
+        notify: Notify = _no_notify,
+        inflight_log: InflightLog | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.backends = dict(backends)
+        self.actors = actors
+        self.notify = notify
+        self.inflight_log = inflight_log
+        slots = [
+            BackendSlots(b.name, slots=b.slots, max_loaded=b.max_loaded,
+                         models=frozenset(b.models) if b.models else None)
+            for b in config.backends
+        ]
+        self.scheduler = Scheduler(
+            slots,
+            policy=config.scheduler.policy,
+            max_wait_s=config.scheduler.max_wait_s,
+            fifo_workers=config.scheduler.fifo_workers,
+        )
+        self.jobs: dict[str, JobProgress] = {}
+        self.figures: dict[str, ModelFigures] = collections.defaultdict(ModelFigures)
+        self.counters = Counters()
+        self.down: dict[str, str] = {}  # backend -> why
+        self.started = time.monotonic()
+        self._kick = asyncio.Event()
+        self._actions: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._dispatching = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- jobs in ----------------------------------------------------------------
+
+    def add_job(self, progress: JobProgress) -> None:
+        self.jobs[progress.job.id] = progress
+        self._idle.clear()
+        self._enqueue_ready(progress)
+        self.kick()
+
+    def _enqueue_ready(self, progress: JobProgress) -> None:
+        now = time.monotonic()
+        for stage in progress.ready_stages():
+            progress.running.add(stage.name)
+            self.scheduler.add(Task(
+                job_id=progress.job.id, stage=stage.name, model_key=stage.model_key(),
+                model=stage.model or "", priority=progress.job.priority, job_seq=progress.seq,
+                ready_at=now, attempt=progress.attempts.get(stage.name, 0) + 1,
+            ))
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch until ``stop_dispatching``; actions started keep running."""
+        while self._dispatching:
+            self._kick.clear()
+            now = time.monotonic()
+            for action in self.scheduler.next_actions(now):
+                self._spawn(action)
+            if not self.jobs and not self._actions:
+                self._idle.set()
+            wake = self.scheduler.next_wakeup(now)
+            timeout = None if wake is None else max(0.0, wake - time.monotonic()) + 0.001
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._kick.wait()
+
+    def _spawn(self, action: Dispatch | Load | Unload) -> None:
+        if isinstance(action, Dispatch):
+            coro = self._run_task(action.task)
+        elif isinstance(action, Load):
+            coro = self._load(action)
+        else:
+            coro = self._unload(action)
+        task = asyncio.create_task(coro)
+        self._actions.add(task)
+        task.add_done_callback(self._action_done)
+
+    def _action_done(self, task: asyncio.Task[None]) -> None:
+        self._actions.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("action_crashed", error=repr(task.exception()))
+        self.kick()
+
+    async def wait_idle(self) -> None:
+        """Return when no job is in memory and no action runs (``--once``)."""
+        while True:
+            await self._idle.wait()
+            if not self.jobs and not self._actions:
+                return
+            self._idle.clear()
+
+    async def stop_dispatching(self, grace_s: float) -> int:
+        """Stop starting work; let running actions finish within ``grace_s``; cancel the rest.
+
+        Returns how many actions were cancelled (their stages re-run after restart).
+        """
+        self._dispatching = False
+        self.kick()
+        for probe in self._probes.values():
+            probe.cancel()
+        if self._actions:
+            _done, pending = await asyncio.wait(set(self._actions), timeout=grace_s)
+        else:
+            pending = set()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        return len(pending)
+
+    # -- stages ---------------------------------------------------------------------
+
+    async def _run_task(self, task: Task) -> None:
+        progress = self.jobs.get(task.job_id)
+        if progress is None:  # the job ended (deadline, failure) while this waited
+            self.scheduler.task_done(task)
+            return
+        stage = progress.job.stage(task.stage)
+        backend = self.backends[task.backend or ""]
+        structlog.contextvars.bind_contextvars(
+            job_id=task.job_id, stage=task.stage, model=stage.model, backend=backend.name
+        )
+        actor = self.actors().get(stage.actor)
+        queued_s = time.monotonic() - task.ready_at
+        if self.inflight_log is not None:
+            self.inflight_log.started(task.job_id, task.stage)
+        log.debug("stage_started", attempt=task.attempt, queue_s=round(queued_s, 6))
+        outcome: Outcome
+        if actor is None:
+            outcome = StageFailed("unknown_actor", f"actor {stage.actor!r} is not registered")
+        else:
+            ctx = StageContext(
+                job_id=task.job_id, input=progress.job.input, stage=stage,
+                outputs=MappingProxyType(progress.outputs), attempt=task.attempt,
+            )
+            keep_alive = (self._backend_config(backend.name).keep_alive
+                          if self.scheduler.policy == "affinity" else None)
+            outcome = await run_stage(
+                actor=actor, ctx=ctx, backend=backend, keep_alive=keep_alive,
+                timeout_s=self.config.limits.stage_timeout_s, queued_s=queued_s,
+            )
+        await asyncio.shield(self._apply(task, progress, outcome))
+
+    async def _apply(self, task: Task, progress: JobProgress, outcome: Outcome) -> None:
+        try:
+            if self.jobs.get(task.job_id) is not progress:
+                return
+            if isinstance(outcome, StageDone):
+                await self._stage_done(task, progress, outcome)
+            elif isinstance(outcome, BackendDown):
+                progress.event("stage_interrupted", stage=task.stage, backend=task.backend,
+                               reason=outcome.message)
+                self._requeue(task, progress, delay=0.5, counts=False)
+                self._backend_down(task.backend or "", outcome.message)
+            elif isinstance(outcome, StageRetry) and task.attempt < self.config.limits.max_attempts:
+                log.warning("stage_retried", kind=outcome.kind, error=outcome.message,
+                            attempt=task.attempt)
+                progress.event("stage_retried", stage=task.stage, kind=outcome.kind,
+                               error=outcome.message, attempt=task.attempt)
+                self.counters.stage_retries += 1
+                backoff = self.config.limits.retry_backoff_s * 2 ** (task.attempt - 1)
+                self._requeue(task, progress, delay=backoff, counts=outcome.counts)
+                await self._notify_stage_failed(progress, task, outcome.message, final=False)
+            else:
+                assert isinstance(outcome, StageRetry | StageFailed)
+                await self._notify_stage_failed(progress, task, outcome.message, final=True)
+                await self.fail_job(progress, task.stage, outcome.kind, outcome.message,
+                                    attempts=task.attempt)
+        finally:
+            if self.inflight_log is not None:
+                self.inflight_log.finished(task.job_id, task.stage)
+            self.scheduler.task_done(task)
+            self.kick()
+
+    def _requeue(self, task: Task, progress: JobProgress, *, delay: float, counts: bool) -> None:
+        self.scheduler.task_done(task)
+        if counts:
+            progress.attempts[task.stage] = task.attempt
+        now = time.monotonic()
+        self.scheduler.add(Task(
+            job_id=task.job_id, stage=task.stage, model_key=task.model_key, model=task.model,
+            priority=task.priority, job_seq=task.job_seq, ready_at=now,
+            attempt=task.attempt + 1 if counts else task.attempt, not_before=now + delay,
+        ))
+
+    async def _stage_done(self, task: Task, progress: JobProgress, done: StageDone) -> None:
+        stage = progress.job.stage(task.stage)
+        progress.finish_stage(task.stage, done.output, done.record)
+        progress.event("stage_finished", stage=task.stage, model=stage.model,
+                       backend=task.backend, wall_s=done.record["wall_s"])
+        self.figures[task.model_key].learn_stage(done.record)
+        self.counters.stages_done += 1
+        log.info(
+            "stage_finished", attempt=task.attempt, wall_s=done.record["wall_s"],
+            queue_s=done.record["queue_s"], eval_count=done.record.get("eval_count"),
+            load_duration=done.record.get("load_duration"),
+            truncated=done.record["truncated"] or None,
+        )
+        if progress.is_complete():
+            await self._finish_job(progress)
+        else:
+            await self._checkpoint(progress)
+            self._enqueue_ready(progress)
+        await self.notify("stage_finished", job=progress.job, stage=stage,
+                          output=done.output, record=done.record)
+
+    async def _notify_stage_failed(
+        self, progress: JobProgress, task: Task, error: str, *, final: bool
+    ) -> None:
+        await self.notify("stage_failed", job=progress.job, stage=progress.job.stage(task.stage),
+                          error=error, attempt=task.attempt, final=final)
+
+    async def _checkpoint(self, progress: JobProgress) -> None:
+        lock = self._locks.setdefault(progress.job.id, asyncio.Lock())
+        async with lock:
+            record = progress.checkpoint()
+            await asyncio.to_thread(self.spool.save_checkpoint, progress.job.id, record)
+
+    async def _finish_job(self, progress: JobProgress) -> None:
+        job_id = progress.job.id
+        progress.event("job_finished")
+        result = progress.result()
+        truncated = [s["name"] for s in result["stages"] if s.get("truncated")]
+        if truncated:
+            result["truncated_stages"] = truncated
+        await asyncio.shield(self._publish(job_id, result, failed=False))
+        self.counters.jobs_done += 1
+        self.counters.finished_at.append(time.monotonic())
+        log.info("job_finished", job_id=job_id,
+                 elapsed_s=round(time.time() - progress.claimed_at, 6))
+        await self.notify("job_finished", job=progress.job, result=result)
+
+    async def fail_job(
+        self, progress: JobProgress, stage: str | None, kind: str, message: str, **extra: Any
+    ) -> None:
+        job_id = progress.job.id
+        if self.jobs.get(job_id) is not progress:
+            return
+        progress.event("job_failed", stage=stage, kind=kind)
+        record = progress.failure(stage, kind, message, **extra)
+        self.scheduler.cancel_job(job_id, [s.name for s in progress.job.stages])
+        await asyncio.shield(self._publish(job_id, record, failed=True))
+        self.counters.jobs_failed += 1
+        log.warning("job_failed", job_id=job_id, stage=stage, kind=kind, error=message)
+        await self.notify("job_failed", job_id=job_id, job=progress.job, error=record["error"])
+
+    async def _publish(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
+        """Publish the final record, then drop the checkpoint: the job leaves memory."""
+        self.jobs.pop(job_id, None)
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            if failed:
+                await asyncio.to_thread(self.spool.publish_failure, job_id, record)
+            else:
+                await asyncio.to_thread(self.spool.publish_result, job_id, record)
+            await asyncio.to_thread(self.spool.remove_checkpoint, job_id)
+        self._locks.pop(job_id, None)
+        if not self.jobs:
+            self._idle.set()
+
+    async def expire_deadlines(self) -> None:
+        """Fail jobs whose deadline passed: the only way an outage fails a job."""
+        now = time.time()
+        for progress in list(self.jobs.values()):
+            if progress.deadline_at is not None and now >= progress.deadline_at:
+                waiting = sorted(progress.running) or [None]
+                await self.fail_job(progress, waiting[0], "deadline",
+                                    "job deadline passed before it finished "
+                                    "(deadline_s / [limits] job_deadline_s)",
+                                    backends_down=dict(self.down) or None)
+
+    # -- models -------------------------------------------------------------------------
+
+    def _backend_config(self, name: str) -> Any:
+        return next(b for b in self.config.backends if b.name == name)
+
+    async def _load(self, action: Load) -> None:
+        backend = self.backends[action.backend]
+        cfg = self._backend_config(action.backend)
+        structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
+        log.info("model_loading")
+        try:
+            result = await backend.load(action.model, keep_alive=cfg.keep_alive)
+        except BackendError as exc:
+            self.scheduler.load_failed(action.backend, action.model_key)
+            if exc.retryable:
+                self._backend_down(action.backend, str(exc))
+                return
+            log.error("model_load_failed", kind=exc.kind, error=str(exc))
+            for task in self.scheduler.drop_model(action.model_key):
+                progress = self.jobs.get(task.job_id)
+                if progress is not None:
+                    await self.fail_job(progress, task.stage, exc.kind, str(exc))
+            return
+        self.scheduler.loaded(action.backend, action.model_key, time.monotonic())
+        self.figures[action.model_key].learn_load(result.wall_s)
+        log.info("model_loaded", load_s=round(result.wall_s, 6),
+                 load_duration=result.load_duration_ns)
+
+    async def _unload(self, action: Unload) -> None:
+        structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
+        try:
+            await self.backends[action.backend].unload(action.model)
+        except BackendError as exc:
+            log.warning("model_unload_failed", error=str(exc))
+        self.scheduler.unloaded(action.backend, action.model_key)
+        log.info("model_unloaded")
+
+    # -- backend health -------------------------------------------------------------------
+
+    def _backend_down(self, name: str, reason: str) -> None:
+        if name in self.down or not self._dispatching:
+            return
+        self.down[name] = reason
+        self.scheduler.backend_down(name)
+        log.warning("backend_down", backend=name, error=reason)
+        self._probes[name] = asyncio.create_task(self._probe(name))
+
+    async def _probe(self, name: str) -> None:
+        """Poll the server's version endpoint until it answers, then bring it back."""
+        delay = 0.25
+        backend = self.backends[name]
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await backend.version()
+            except BackendError:
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        self.down.pop(name, None)
+        self._probes.pop(name, None)
+        self.scheduler.backend_up(name)
+        log.info("backend_up", backend=name)
+        self.kick()

@@ -1,0 +1,434 @@
+"""The scheduler: which ready stage runs next, where, and when models switch.
+
+A pure state machine with no I/O and no clock of its own, so the daemon,
+the benchmarks' discrete-event runs and the property tests all drive the
+same code. The daemon feeds it ready tasks and outcomes; ``next_actions``
+answers with what to do now (dispatch a task, load or unload a model), and
+the scheduler's view is updated as soon as it answers, so two calls never
+hand out the same slot.
+
+Policies:
+
+``affinity`` (default)
+    Keep each resident model's slots full while it has ready work. When a
+    backend has room (``max_loaded``), preload the model with the most
+    pressing work. When it is full, switch only when a resident model is
+    idle (no ready and no in-flight work), or when a task whose priority is
+    above everything the backend serves has waited ``max_wait_s`` (or any
+    task has waited ``fair_wait_s``, if set): then the victim drains (its
+    in-flight requests finish), is unloaded, and the next model is loaded on
+    its own so its load time is measured.
+
+``fifo``
+    Job by job, stage by stage, ``fifo_workers`` at a time: the seed
+    script's behaviour, kept as the baseline. No explicit loads; the server
+    swaps models as requests arrive.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+
+@dataclass(eq=False)
+class Task:
+    """One stage of one job, ready to run."""
+
+    job_id: str
+    stage: str
+    model_key: str  # the scheduler's model identity (model + runner options)
+    model: str  # the model name sent to the server
+    priority: int = 0
+    job_seq: int = 0  # arrival order of the job (fifo order)
+    ready_at: float = 0.0  # when it became ready (for waits)
+    attempt: int = 1
+    not_before: float = 0.0  # retry backoff: not dispatched before this time
+    backend: str | None = None  # set when dispatched
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.job_id, self.stage)
+
+
+class ModelState(Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    DRAINING = "draining"  # no new work; unload when in-flight ends
+    UNLOADING = "unloading"
+
+
+@dataclass
+class Resident:
+    key: str
+    model: str
+    state: ModelState
+    inflight: int = 0
+    since: float = 0.0
+
+
+@dataclass
+class BackendSlots:
+    """The scheduler's view of one backend."""
+
+    name: str
+    slots: int = 1
+    max_loaded: int = 1
+    models: frozenset[str] | None = None  # allow-list of model names; None = any
+    up: bool = True
+    resident: dict[str, Resident] = field(default_factory=dict)
+    inflight: int = 0  # all requests in flight on this backend
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    task: Task
+    backend: str
+    kind: Literal["dispatch"] = "dispatch"
+
+
+@dataclass(frozen=True)
+class Load:
+    backend: str
+    model_key: str
+    model: str
+    kind: Literal["load"] = "load"
+
+
+@dataclass(frozen=True)
+class Unload:
+    backend: str
+    model_key: str
+    model: str
+    kind: Literal["unload"] = "unload"
+
+
+Action = Dispatch | Load | Unload
+
+
+class ModelQueue:
+    """Ready tasks of one model: highest priority first, then oldest."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Task]] = []
+        self._count = itertools.count()
+        self._removed: set[int] = set()
+        self._ids: dict[tuple[str, str], int] = {}
+
+    def push(self, task: Task, order: float) -> None:
+        n = next(self._count)
+        self._ids[task.key] = n
+        heapq.heappush(self._heap, (-task.priority, order, n, task))
+
+    def _prune(self) -> None:
+        while self._heap and self._heap[0][2] in self._removed:
+            self._removed.discard(heapq.heappop(self._heap)[2])
+
+    def peek(self) -> Task | None:
+        self._prune()
+        return self._heap[0][3] if self._heap else None
+
+    def pop(self) -> Task:
+        self._prune()
+        task = heapq.heappop(self._heap)[3]
+        self._ids.pop(task.key, None)
+        return task
+
+    def remove(self, key: tuple[str, str]) -> bool:
+        n = self._ids.pop(key, None)
+        if n is None:
+            return False
+        self._removed.add(n)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def tasks(self) -> Iterable[Task]:
+        return (entry[3] for entry in self._heap if entry[2] not in self._removed)
+
+
+@dataclass
+class SchedulerStats:
+    dispatched: int = 0
+    loads: int = 0
+    unloads: int = 0
+    switches_forced: int = 0  # switches made because of the wait bound
+
+
+class Scheduler:
+    """Per-model ready queues and the policy that drains them onto backends."""
+
+    def __init__(
+        self,
+        backends: Iterable[BackendSlots],
+        *,
+        policy: Literal["affinity", "fifo"] = "affinity",
+        max_wait_s: float = 600.0,
+        fair_wait_s: float | None = None,
+        fifo_workers: int = 1,
+    ) -> None:
+        self.backends = {b.name: b for b in backends}
+        self.policy = policy
+        self.max_wait_s = max_wait_s
+        self.fair_wait_s = fair_wait_s
+        self.fifo_workers = fifo_workers
+        self.queues: dict[str, ModelQueue] = {}
+        self.model_names: dict[str, str] = {}
+        self.inflight: dict[tuple[str, str], Task] = {}
+        self.stats = SchedulerStats()
+        self._delayed: list[tuple[float, int, Task]] = []  # retry backoff
+        self._delay_seq = itertools.count()
+
+    # -- input ----------------------------------------------------------------
+
+    def add(self, task: Task) -> None:
+        """A task became ready (or is back after a failed attempt)."""
+        if task.not_before > task.ready_at:
+            heapq.heappush(self._delayed, (task.not_before, next(self._delay_seq), task))
+            return
+        self._enqueue(task)
+
+    def _enqueue(self, task: Task) -> None:
+        queue = self.queues.get(task.model_key)
+        if queue is None:
+            queue = self.queues[task.model_key] = ModelQueue()
+            self.model_names[task.model_key] = task.model
+        order = float(task.job_seq) if self.policy == "fifo" else task.ready_at
+        queue.push(task, order)
+
+    def cancel_job(self, job_id: str, stages: Iterable[str]) -> None:
+        """Forget a job's queued tasks (deadline passed, job failed)."""
+        for stage in stages:
+            for queue in self.queues.values():
+                queue.remove((job_id, stage))
+        self._delayed = [d for d in self._delayed if d[2].job_id != job_id]
+        heapq.heapify(self._delayed)
+
+    def task_done(self, task: Task) -> None:
+        """A dispatched task ended (finished, failed or to be retried): free its slot."""
+        self.inflight.pop(task.key, None)
+        backend = self.backends.get(task.backend or "")
+        if backend is None:
+            return
+        backend.inflight = max(0, backend.inflight - 1)
+        resident = backend.resident.get(task.model_key)
+        if resident is not None:
+            resident.inflight = max(0, resident.inflight - 1)
+
+    def loaded(self, backend: str, model_key: str, now: float) -> None:
+        resident = self.backends[backend].resident.get(model_key)
+        if resident is not None and resident.state is ModelState.LOADING:
+            resident.state = ModelState.LOADED
+            resident.since = now
+
+    def load_failed(self, backend: str, model_key: str) -> None:
+        self.backends[backend].resident.pop(model_key, None)
+
+    def unloaded(self, backend: str, model_key: str) -> None:
+        self.backends[backend].resident.pop(model_key, None)
+
+    def drop_model(self, model_key: str) -> list[Task]:
+        """Remove and return every queued task of a model (it does not exist anywhere)."""
+        queue = self.queues.pop(model_key, None)
+        if queue is None:
+            return []
+        tasks = []
+        while len(queue):
+            tasks.append(queue.pop())
+        return tasks
+
+    def backend_down(self, backend: str) -> None:
+        """The backend is unreachable: forget what it holds; nothing is sent until it is up."""
+        state = self.backends[backend]
+        state.up = False
+        state.resident.clear()
+
+    def backend_up(self, backend: str) -> None:
+        self.backends[backend].up = True
+
+    # -- views ------------------------------------------------------------------
+
+    def ready_count(self) -> int:
+        return sum(len(q) for q in self.queues.values()) + len(self._delayed)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {key: len(q) for key, q in self.queues.items() if len(q)}
+
+    def is_idle(self) -> bool:
+        return not self.inflight and self.ready_count() == 0
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When to ask again even if nothing happens (backoff ends, a wait bound expires)."""
+        times = [self._delayed[0][0]] if self._delayed else []
+        if self.policy == "affinity":
+            for queue in self.queues.values():
+                head = queue.peek()  # in affinity order the head is the oldest of its priority
+                if head is not None:
+                    times.append(head.ready_at + self.max_wait_s)
+                    if self.fair_wait_s is not None:
+                        times.append(head.ready_at + self.fair_wait_s)
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    # -- decisions ----------------------------------------------------------------
+
+    def next_actions(self, now: float) -> list[Action]:
+        """What to do now; the scheduler's state already reflects the answer."""
+        while self._delayed and self._delayed[0][0] <= now:
+            self._enqueue(heapq.heappop(self._delayed)[2])
+        actions: list[Action] = []
+        for backend in self.backends.values():
+            if not backend.up:
+                continue
+            if self.policy == "fifo":
+                self._fifo(backend, actions)
+            else:
+                self._affinity(backend, now, actions)
+        return actions
+
+    def _dispatch(self, backend: BackendSlots, queue: ModelQueue, actions: list[Action]) -> None:
+        task = queue.pop()
+        task.backend = backend.name
+        self.inflight[task.key] = task
+        backend.inflight += 1
+        resident = backend.resident.get(task.model_key)
+        if resident is not None:
+            resident.inflight += 1
+        self.stats.dispatched += 1
+        actions.append(Dispatch(task, backend.name))
+
+    def _fifo(self, backend: BackendSlots, actions: list[Action]) -> None:
+        while backend.inflight < self.fifo_workers:
+            best: tuple[int, float, str] | None = None
+            for key, queue in self.queues.items():
+                head = queue.peek()
+                if head is None or not backend.serves(head.model):
+                    continue
+                candidate = (-head.priority, float(head.job_seq), key)
+                if best is None or candidate < best:
+                    best = candidate
+            if best is None:
+                return
+            self._dispatch(backend, self.queues[best[2]], actions)
+
+    def _affinity(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
+        for resident in list(backend.resident.values()):
+            if resident.state is ModelState.DRAINING and resident.inflight == 0:
+                resident.state = ModelState.UNLOADING
+                self.stats.unloads += 1
+                actions.append(Unload(backend.name, resident.key, resident.model))
+        self._plan_switch(backend, now, actions)
+        for resident in backend.resident.values():
+            if resident.state is not ModelState.LOADED:
+                continue
+            queue = self.queues.get(resident.key)
+            while queue is not None and len(queue) and resident.inflight < backend.slots:
+                self._dispatch(backend, queue, actions)
+
+    def _served_priority(self, backend: BackendSlots) -> int | None:
+        """The best priority the backend's resident models have ready or in flight."""
+        best: int | None = None
+        for resident in backend.resident.values():
+            head = self.queues.get(resident.key)
+            top = head.peek() if head is not None else None
+            if top is not None:
+                best = top.priority if best is None else max(best, top.priority)
+        for task in self.inflight.values():
+            if task.backend == backend.name:
+                best = task.priority if best is None else max(best, task.priority)
+        return best
+
+    def _overdue(self, queue: ModelQueue, served: int | None, now: float) -> bool:
+        head = queue.peek()
+        if head is None:
+            return False
+        waited = now - head.ready_at  # the head is the oldest task of the top priority
+        if served is not None and head.priority > served and waited >= self.max_wait_s:
+            return True
+        return self.fair_wait_s is not None and waited >= self.fair_wait_s
+
+    def _candidates(self, backend: BackendSlots) -> list[str]:
+        """Models with ready work that this backend could load."""
+        out = []
+        for key, queue in self.queues.items():
+            if not len(queue) or key in backend.resident:
+                continue
+            if not backend.serves(self.model_names[key]):
+                continue
+            if self._held_elsewhere(key, backend, len(queue)):
+                continue
+            out.append(key)
+        return out
+
+    def _held_elsewhere(self, key: str, backend: BackendSlots, depth: int) -> bool:
+        """True if another backend serves this model and the queue is too short to split."""
+        for other in self.backends.values():
+            if other is backend or not other.up:
+                continue
+            resident = other.resident.get(key)
+            if resident is not None and resident.state in (ModelState.LOADING, ModelState.LOADED):
+                return depth <= 4 * other.slots
+        return False
+
+    def _plan_switch(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
+        candidates = self._candidates(backend)
+        if not candidates:
+            return
+        if any(r.state in (ModelState.DRAINING, ModelState.UNLOADING, ModelState.LOADING)
+               for r in backend.resident.values()) and len(backend.resident) >= backend.max_loaded:
+            return  # a switch is already under way
+        served = self._served_priority(backend)
+        overdue = {k for k in candidates if self._overdue(self.queues[k], served, now)}
+
+        def pressing(key: str) -> tuple[bool, int, float]:
+            queue = self.queues[key]
+            head = queue.peek()
+            assert head is not None
+            return (key in overdue, head.priority, -head.ready_at)
+
+        target = max(candidates, key=pressing)
+        if len(backend.resident) < backend.max_loaded:
+            self._load(backend, target, now, actions)
+            return
+        victim = self._victim(backend, target in overdue)
+        if victim is None:
+            return
+        if target in overdue:
+            self.stats.switches_forced += 1
+        if victim.inflight == 0:
+            victim.state = ModelState.UNLOADING
+            self.stats.unloads += 1
+            actions.append(Unload(backend.name, victim.key, victim.model))
+        else:
+            victim.state = ModelState.DRAINING
+
+    def _victim(self, backend: BackendSlots, forced: bool) -> Resident | None:
+        """The resident model to give up: an idle one, or (forced) the least pressing."""
+        loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
+        idle = [r for r in loaded if r.inflight == 0 and not len(self.queues.get(r.key) or ())]
+        if idle:
+            return min(idle, key=lambda r: r.since)
+        if not forced or not loaded:
+            return None
+
+        def pressure(r: Resident) -> tuple[int, int]:
+            queue = self.queues.get(r.key)
+            head = queue.peek() if queue is not None else None
+            return (head.priority if head else -(2**62), len(queue) if queue else 0)
+
+        return min(loaded, key=pressure)
+
+    def _load(self, backend: BackendSlots, key: str, now: float, actions: list[Action]) -> None:
+        model = self.model_names[key]
+        backend.resident[key] = Resident(key, model, ModelState.LOADING, since=now)
+        self.stats.loads += 1
+        actions.append(Load(backend.name, key, model))
+

@@ -1,0 +1,153 @@
+"""Scheduler: unit behaviour and property-based invariants on random DAG workloads."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
+from tests.scheduler_harness import SimJob, SimStage, debate_jobs, run
+
+
+def one_backend(slots: int = 1, max_loaded: int = 1) -> list[BackendSlots]:
+    return [BackendSlots("b", slots=slots, max_loaded=max_loaded)]
+
+
+def test_affinity_batches_debate_into_three_loads() -> None:
+    trace = run(debate_jobs(50), one_backend())
+    assert not trace.violations
+    assert len(trace.finished) == 150
+    assert trace.loads == 3  # qwen (proposers), gemma (critics), qwen (judges)
+
+
+def test_fifo_runs_job_by_job() -> None:
+    trace = run(debate_jobs(5), one_backend(), policy="fifo")
+    order = [(job, stage) for _t, _b, _m, job, stage in trace.dispatched]
+    assert order == [(f"j{i}", s) for i in range(5) for s in ("proposer", "critic", "judge")]
+
+
+def test_slots_stay_full_while_work_is_ready() -> None:
+    trace = run(debate_jobs(40), one_backend(slots=4))
+    assert trace.max_inflight[("b", "qwen")] == 4
+    assert trace.loads == 3
+
+
+def test_load_is_requested_before_dispatch_and_unload_after_drain() -> None:
+    sched = Scheduler(one_backend(), policy="affinity")
+    sched.add(Task("j", "s1", "qwen", "qwen", ready_at=0))
+    actions = sched.next_actions(0)
+    assert actions == [Load("b", "qwen", "qwen")]
+    assert sched.next_actions(0) == []  # nothing until the load is done
+    sched.loaded("b", "qwen", 1)
+    (dispatch,) = sched.next_actions(1)
+    assert isinstance(dispatch, Dispatch)
+    sched.add(Task("k", "s1", "gemma", "gemma", ready_at=1))
+    assert sched.next_actions(1) == []  # qwen still busy: no switch while it runs
+    sched.task_done(dispatch.task)
+    assert sched.next_actions(2) == [Unload("b", "qwen", "qwen")]
+    sched.unloaded("b", "qwen")
+    assert sched.next_actions(2) == [Load("b", "gemma", "gemma")]
+
+
+def test_priority_orders_within_a_model_queue() -> None:
+    sched = Scheduler(one_backend(), policy="affinity")
+    sched.add(Task("low", "s", "m", "m", priority=0, ready_at=0))
+    sched.add(Task("high", "s", "m", "m", priority=5, ready_at=1))
+    sched.next_actions(1)
+    sched.loaded("b", "m", 1)
+    (dispatch,) = sched.next_actions(1)
+    assert isinstance(dispatch, Dispatch) and dispatch.task.job_id == "high"
+
+
+def test_urgent_job_waits_at_most_max_wait() -> None:
+    jobs = debate_jobs(200)
+    urgent = SimJob("urgent", [SimStage("a", "gemma", (), 3.8), SimStage("b", "qwen", ("a",), 3.8)],
+                    priority=10, arrival=100.0)
+    trace = run([*jobs, urgent], one_backend(), max_wait_s=60.0)
+    assert not trace.violations
+    for stage in ("a", "b"):
+        waited = trace.started[("urgent", stage)] - trace.ready_at[("urgent", stage)]
+        # the bound, plus draining the one in-flight stage and one load
+        assert waited <= 60.0 + 3.8 + 2.0 + 1e-6, (stage, waited)
+
+
+def test_backend_down_stops_dispatch_until_up() -> None:
+    sched = Scheduler(one_backend(), policy="affinity")
+    sched.add(Task("j", "s", "m", "m", ready_at=0))
+    sched.backend_down("b")
+    assert sched.next_actions(0) == []
+    sched.backend_up("b")
+    assert sched.next_actions(0) == [Load("b", "m", "m")]
+
+
+def test_retry_backoff_delays_the_task() -> None:
+    sched = Scheduler(one_backend(), policy="fifo")
+    sched.add(Task("j", "s", "m", "m", ready_at=0, not_before=5))
+    assert sched.next_actions(1) == []
+    assert sched.next_wakeup(1) == 5
+    (action,) = sched.next_actions(5)
+    assert isinstance(action, Dispatch)
+
+
+def test_cancel_job_drops_its_queued_tasks() -> None:
+    sched = Scheduler(one_backend(), policy="fifo")
+    sched.add(Task("j", "s", "m", "m", ready_at=0))
+    sched.cancel_job("j", ["s"])
+    assert sched.next_actions(0) == []
+    assert sched.ready_count() == 0
+
+
+def test_allow_list_keeps_models_off_a_backend() -> None:
+    backends = [BackendSlots("a", models=frozenset({"qwen"})), BackendSlots("b")]
+    sched = Scheduler(backends, policy="affinity")
+    sched.add(Task("j", "s", "gemma", "gemma", ready_at=0))
+    assert sched.next_actions(0) == [Load("b", "gemma", "gemma")]
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[list[SimJob], int, int, int]:
+    """Random DAG jobs over 1-4 models; the last job is a unique urgent one (priority 10)."""
+    models = [f"m{i}" for i in range(draw(st.integers(1, 4)))]
+    jobs = []
+    for j in range(draw(st.integers(1, 40))):
+        stages: list[SimStage] = []
+        for s in range(draw(st.integers(1, 4))):
+            needs = tuple(stages[i].name for i in range(s) if draw(st.booleans()))
+            stages.append(SimStage(f"s{s}", draw(st.sampled_from(models)), needs,
+                                   draw(st.floats(0.1, 10.0))))
+        jobs.append(SimJob(f"j{j}", stages, priority=draw(st.integers(0, 3)),
+                           arrival=draw(st.floats(0, 50))))
+    jobs[-1].priority = 10
+    return jobs, draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+
+
+LOAD_S = 2.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads(), st.sampled_from(["affinity", "fifo"]))
+def test_invariants_on_random_dags(workload: tuple[list[SimJob], int, int, int], policy: str) -> None:
+    jobs, slots, max_loaded, n_backends = workload
+    backends = [BackendSlots(f"b{i}", slots=slots, max_loaded=max_loaded) for i in range(n_backends)]
+    max_wait = 5.0
+    trace = run(jobs, backends, policy=policy, max_wait_s=max_wait, load_s=LOAD_S)
+    # every task ran exactly once (a second dispatch is recorded as a violation)
+    assert not trace.violations
+    assert set(trace.finished) == {(job.id, s.name) for job in jobs for s in job.stages}
+    for job in jobs:
+        for stage in job.stages:
+            for need in stage.needs:
+                assert trace.finished[(job.id, need)] <= trace.started[(job.id, stage.name)]
+    if policy == "fifo":
+        assert all(count <= 1 for count in trace.max_inflight.values())
+        return
+    assert all(count <= slots for count in trace.max_inflight.values())
+    assert all(count <= max_loaded for count in trace.max_resident.values())
+    # The urgent job waits at most the bound, plus draining the victim's in-flight stages
+    # and at most one switch already under way (two stage times, two loads).
+    longest = max(s.service for job in jobs for s in job.stages)
+    urgent = jobs[-1]
+    for stage in urgent.stages:
+        key = (urgent.id, stage.name)
+        waited = trace.started[key] - trace.ready_at[key]
+        assert waited <= max_wait + 2 * longest + 2 * LOAD_S + 1e-6, (key, waited)

@@ -34,7 +34,7 @@ async def start_control(
     path: Path, snapshot: Callable[[], dict[str, Any]], poke: Callable[[], None]
 ) -> web.AppRunner:
     """Serve the control API on ``path`` (replacing a stale socket)."""
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start-up
     runner = web.AppRunner(build_app(snapshot, poke), access_log=None, handle_signals=False)
     await runner.setup()
     old = os.umask(0o117)  # the socket is created 0660: owner and group only

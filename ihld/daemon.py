@@ -42,8 +42,8 @@ from ihld.backends.ollama import OllamaBackend, make_session
 from ihld.config import Config, load_config
 from ihld.control import start_control
 from ihld.engine import Engine
-from ihld.errors import ConfigError, JobError, PluginError
-from ihld.intake import Intake, IntakeResult
+from ihld.errors import ConfigError, PluginError
+from ihld.intake import Intake, IntakeResult, Resolver
 from ihld.jobs import Job, JobSpec
 from ihld.plugins import PluginHost, load_plugins
 from ihld.progress import JobProgress
@@ -63,20 +63,11 @@ def plugins_for(config: Config) -> PluginHost:
     )
 
 
-def make_resolver(host: PluginHost) -> Any:
-    """A resolver for intake that also checks prompt templates up front."""
-    from ihld.builtin import check_template
+def make_resolver(host: PluginHost) -> Resolver:
+    """Intake's resolver: the plugins' pipelines and actors (templates checked up front)."""
 
     def resolve(spec: JobSpec, job_id: str, source: dict[str, Any]) -> Job:
-        job = host.resolve(spec, job_id, source=source)
-        for index, stage in enumerate(job.stages):
-            if stage.actor == "prompt":
-                try:
-                    check_template(stage.prompt or "")
-                except ValueError as exc:
-                    raise JobError(f"stage {stage.name!r}: {exc}", kind="invalid_template",
-                                   path=f"stages[{index}].prompt") from None
-        return job
+        return host.resolve(spec, job_id, source=source)
 
     return resolve
 
@@ -120,32 +111,49 @@ class Daemon:
             inflight_log = InflightLog(self.spool.inflight_log)
             stack.callback(inflight_log.close)
             self.engine = Engine(
-                config=self.config, spool=self.spool, backends=backends,
-                actors=lambda: self.host.actors, notify=self._notify, inflight_log=inflight_log,
+                config=self.config,
+                spool=self.spool,
+                backends=backends,
+                actors=lambda: self.host.actors,
+                notify=self._notify,
+                inflight_log=inflight_log,
             )
             self.intake = Intake(
-                self.spool, make_resolver(self.host), max_bytes=self.config.limits.max_job_bytes,
-                deadline_s=self.config.limits.job_deadline_s, next_seq=lambda: next(self._seq),
+                self.spool,
+                make_resolver(self.host),
+                max_bytes=self.config.limits.max_job_bytes,
+                deadline_s=self.config.limits.job_deadline_s,
+                next_seq=lambda: next(self._seq),
             )
             self.spool.mark_running()
             recovered = await self._recover(crashed, clean)
-            self.watcher = InboxWatcher(self.spool, settle_s=self.config.spool.settle_s,
-                                        rescan_s=self.config.spool.rescan_s)
+            self.watcher = InboxWatcher(
+                self.spool, settle_s=self.config.spool.settle_s, rescan_s=self.config.spool.rescan_s
+            )
             if self.config.control.socket:
-                runner = await start_control(self.spool.run_dir / "ihld.sock",
-                                             self.snapshot, self.watcher.poke)
+                runner = await start_control(
+                    self.spool.run_dir / "ihld.sock", self.snapshot, self.watcher.poke
+                )
                 stack.push_async_callback(runner.cleanup)
             self._install_signals(stack)
-            log.info("daemon_ready", spool=str(self.spool.root), recovered=recovered,
-                     policy=self.config.scheduler.policy, config=str(self.config.source),
-                     backends=[b.url for b in self.config.backends])
+            log.info(
+                "daemon_ready",
+                spool=str(self.spool.root),
+                recovered=recovered,
+                policy=self.config.scheduler.policy,
+                config=str(self.config.source),
+                backends=[b.url for b in self.config.backends],
+            )
             self.notifier.ready(status=f"ready, {recovered} jobs recovered")
             await self._serve()
             cancelled = self._cancelled
             self.spool.mark_clean_shutdown()
-            log.info("daemon_stopped", cancelled_stages=cancelled,
-                     jobs_done=self.engine.counters.jobs_done,
-                     jobs_failed=self.engine.counters.jobs_failed)
+            log.info(
+                "daemon_stopped",
+                cancelled_stages=cancelled,
+                jobs_done=self.engine.counters.jobs_done,
+                jobs_failed=self.engine.counters.jobs_failed,
+            )
         return 0
 
     def _configure_logs(self, config: Config) -> None:
@@ -206,23 +214,32 @@ class Daemon:
             result = await asyncio.to_thread(self.intake.process, path)
             self._admit(result)
         if progresses:
-            log.info("spool_recovered", jobs=len(progresses), clean_shutdown=clean,
-                     crashed_jobs=len(crashed))
+            log.info(
+                "spool_recovered",
+                jobs=len(progresses),
+                clean_shutdown=clean,
+                crashed_jobs=len(crashed),
+            )
         return len(progresses)
 
     def _quarantine_checkpoint(self, job_id: str, error: str) -> None:
         path = self.spool.jobs / f"{job_id}.json"
         kept = self.spool.failed_inputs / f"checkpoint-{job_id}.json"
-        record = {"id": job_id, "status": "failed",
-                  "error": {"stage": None, "kind": "corrupt_checkpoint", "message": error},
-                  "source": {"kept_as": str(kept.relative_to(self.spool.root))}}
+        record = {
+            "id": job_id,
+            "status": "failed",
+            "error": {"stage": None, "kind": "corrupt_checkpoint", "message": error},
+            "source": {"kept_as": str(kept.relative_to(self.spool.root))},
+        }
         self.spool.publish_failure(job_id, record)
         path.rename(kept)
         log.error("checkpoint_corrupt", job_id=job_id, error=error)
 
     async def _poison(self, progress: JobProgress) -> None:
-        message = (f"the daemon died {progress.recoveries} times while this job was running "
-                   "([spool] max_recoveries); quarantined as poison")
+        message = (
+            f"the daemon died {progress.recoveries} times while this job was running "
+            "([spool] max_recoveries); quarantined as poison"
+        )
         record = progress.failure(None, "poison", message)
         await asyncio.to_thread(self.spool.publish_failure, progress.job.id, record)
         await asyncio.to_thread(self.spool.remove_checkpoint, progress.job.id)
@@ -293,15 +310,19 @@ class Daemon:
 
     async def _wait_for_room(self) -> None:
         limit = self.config.limits.max_jobs_in_memory
-        while len(self.engine.jobs) >= limit:
+        while len(self.engine.jobs) >= limit:  # noqa: ASYNC110 - back-pressure, rare
             await asyncio.sleep(0.05)
 
     def _admit(self, result: IntakeResult | None) -> None:
         if result is None:
             return
         for progress in result.accepted:
-            log.info("job_claimed", job_id=progress.job.id, stages=len(progress.job.stages),
-                     priority=progress.job.priority)
+            log.info(
+                "job_claimed",
+                job_id=progress.job.id,
+                stages=len(progress.job.stages),
+                priority=progress.job.priority,
+            )
             self.engine.add_job(progress)
         for record in result.rejected:
             self._log_rejected(record)
@@ -309,11 +330,14 @@ class Daemon:
     def _log_rejected(self, record: dict[str, Any]) -> None:
         self.engine.counters.jobs_rejected += 1
         error = record["error"]
-        log.warning("job_rejected", job_id=record["id"], kind=error["kind"],
-                    error=error["message"], file=record.get("source", {}).get("file"))
-        asyncio.get_running_loop().create_task(
-            self._notify("job_failed", job_id=record["id"], job=None, error=error)
+        log.warning(
+            "job_rejected",
+            job_id=record["id"],
+            kind=error["kind"],
+            error=error["message"],
+            file=record.get("source", {}).get("file"),
         )
+        self.engine.observe("job_failed", job_id=record["id"], job=None, error=error)
 
     async def _deadline_loop(self) -> None:
         while True:
@@ -371,9 +395,12 @@ class Daemon:
         self.intake.max_bytes = config.limits.max_job_bytes
         self.intake.deadline_s = config.limits.job_deadline_s
         self._configure_logs(config)
-        log.info("config_reloaded", config=str(config.source),
-                 plugins=[p["name"] for p in host.describe()],
-                 restart_needed=restart_needed or None)
+        log.info(
+            "config_reloaded",
+            config=str(config.source),
+            plugins=[p["name"] for p in host.describe()],
+            restart_needed=restart_needed or None,
+        )
         self.notifier.ready(status=summary_line(self.snapshot()))
 
 

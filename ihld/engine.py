@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -30,7 +30,7 @@ from ihld.spool import InflightLog, Spool
 
 log = structlog.get_logger("ihld")
 
-Notify = Callable[..., Awaitable[None]]
+Notify = Callable[..., Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -47,17 +47,23 @@ class ModelFigures:
     def learn_load(self, seconds: float) -> None:
         self.loads += 1
         self.load_s_total += seconds
-        self.load_s_ewma = seconds if self.load_s_ewma is None else 0.7 * self.load_s_ewma + 0.3 * seconds
+        self.load_s_ewma = (
+            seconds if self.load_s_ewma is None else 0.7 * self.load_s_ewma + 0.3 * seconds
+        )
 
     def learn_stage(self, record: Mapping[str, Any]) -> None:
         self.stages += 1
         wall = float(record.get("wall_s", 0.0))
-        self.service_s_ewma = wall if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * wall
+        self.service_s_ewma = (
+            wall if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * wall
+        )
         count, duration = record.get("eval_count"), record.get("eval_duration")
         if count and duration:
             rate = count / duration * 1e9
             self.tokens_per_s_ewma = (
-                rate if self.tokens_per_s_ewma is None else 0.9 * self.tokens_per_s_ewma + 0.1 * rate
+                rate
+                if self.tokens_per_s_ewma is None
+                else 0.9 * self.tokens_per_s_ewma + 0.1 * rate
             )
 
 
@@ -95,8 +101,12 @@ class Engine:
         self.notify = notify
         self.inflight_log = inflight_log
         slots = [
-            BackendSlots(b.name, slots=b.slots, max_loaded=b.max_loaded,
-                         models=frozenset(b.models) if b.models else None)
+            BackendSlots(
+                b.name,
+                slots=b.slots,
+                max_loaded=b.max_loaded,
+                models=frozenset(b.models) if b.models else None,
+            )
             for b in config.backends
         ]
         self.scheduler = Scheduler(
@@ -114,6 +124,7 @@ class Engine:
         self._actions: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._observers: set[asyncio.Task[None]] = set()
         self._dispatching = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -130,14 +141,27 @@ class Engine:
         now = time.monotonic()
         for stage in progress.ready_stages():
             progress.running.add(stage.name)
-            self.scheduler.add(Task(
-                job_id=progress.job.id, stage=stage.name, model_key=stage.model_key(),
-                model=stage.model or "", priority=progress.job.priority, job_seq=progress.seq,
-                ready_at=now, attempt=progress.attempts.get(stage.name, 0) + 1,
-            ))
+            self.scheduler.add(
+                Task(
+                    job_id=progress.job.id,
+                    stage=stage.name,
+                    model_key=stage.model_key(),
+                    model=stage.model or "",
+                    priority=progress.job.priority,
+                    job_seq=progress.seq,
+                    ready_at=now,
+                    attempt=progress.attempts.get(stage.name, 0) + 1,
+                )
+            )
 
     def kick(self) -> None:
         self._kick.set()
+
+    def observe(self, hook: str, **kwargs: Any) -> None:
+        """Tell plugin observers, in the background: a slow observer never holds a slot."""
+        task = asyncio.create_task(self.notify(hook, **kwargs))
+        self._observers.add(task)
+        task.add_done_callback(self._observers.discard)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -222,14 +246,24 @@ class Engine:
             outcome = StageFailed("unknown_actor", f"actor {stage.actor!r} is not registered")
         else:
             ctx = StageContext(
-                job_id=task.job_id, input=progress.job.input, stage=stage,
-                outputs=MappingProxyType(progress.outputs), attempt=task.attempt,
+                job_id=task.job_id,
+                input=progress.job.input,
+                stage=stage,
+                outputs=MappingProxyType(progress.outputs),
+                attempt=task.attempt,
             )
-            keep_alive = (self._backend_config(backend.name).keep_alive
-                          if self.scheduler.policy == "affinity" else None)
+            keep_alive = (
+                self._backend_config(backend.name).keep_alive
+                if self.scheduler.policy == "affinity"
+                else None
+            )
             outcome = await run_stage(
-                actor=actor, ctx=ctx, backend=backend, keep_alive=keep_alive,
-                timeout_s=self.config.limits.stage_timeout_s, queued_s=queued_s,
+                actor=actor,
+                ctx=ctx,
+                backend=backend,
+                keep_alive=keep_alive,
+                timeout_s=self.config.limits.stage_timeout_s,
+                queued_s=queued_s,
             )
         await asyncio.shield(self._apply(task, progress, outcome))
 
@@ -240,15 +274,25 @@ class Engine:
             if isinstance(outcome, StageDone):
                 await self._stage_done(task, progress, outcome)
             elif isinstance(outcome, BackendDown):
-                progress.event("stage_interrupted", stage=task.stage, backend=task.backend,
-                               reason=outcome.message)
+                progress.event(
+                    "stage_interrupted",
+                    stage=task.stage,
+                    backend=task.backend,
+                    reason=outcome.message,
+                )
                 self._requeue(task, progress, delay=0.5, counts=False)
                 self._backend_down(task.backend or "", outcome.message)
             elif isinstance(outcome, StageRetry) and task.attempt < self.config.limits.max_attempts:
-                log.warning("stage_retried", kind=outcome.kind, error=outcome.message,
-                            attempt=task.attempt)
-                progress.event("stage_retried", stage=task.stage, kind=outcome.kind,
-                               error=outcome.message, attempt=task.attempt)
+                log.warning(
+                    "stage_retried", kind=outcome.kind, error=outcome.message, attempt=task.attempt
+                )
+                progress.event(
+                    "stage_retried",
+                    stage=task.stage,
+                    kind=outcome.kind,
+                    error=outcome.message,
+                    attempt=task.attempt,
+                )
                 self.counters.stage_retries += 1
                 backoff = self.config.limits.retry_backoff_s * 2 ** (task.attempt - 1)
                 self._requeue(task, progress, delay=backoff, counts=outcome.counts)
@@ -256,8 +300,9 @@ class Engine:
             else:
                 assert isinstance(outcome, StageRetry | StageFailed)
                 await self._notify_stage_failed(progress, task, outcome.message, final=True)
-                await self.fail_job(progress, task.stage, outcome.kind, outcome.message,
-                                    attempts=task.attempt)
+                await self.fail_job(
+                    progress, task.stage, outcome.kind, outcome.message, attempts=task.attempt
+                )
         finally:
             if self.inflight_log is not None:
                 self.inflight_log.finished(task.job_id, task.stage)
@@ -269,22 +314,38 @@ class Engine:
         if counts:
             progress.attempts[task.stage] = task.attempt
         now = time.monotonic()
-        self.scheduler.add(Task(
-            job_id=task.job_id, stage=task.stage, model_key=task.model_key, model=task.model,
-            priority=task.priority, job_seq=task.job_seq, ready_at=now,
-            attempt=task.attempt + 1 if counts else task.attempt, not_before=now + delay,
-        ))
+        self.scheduler.add(
+            Task(
+                job_id=task.job_id,
+                stage=task.stage,
+                model_key=task.model_key,
+                model=task.model,
+                priority=task.priority,
+                job_seq=task.job_seq,
+                ready_at=now,
+                attempt=task.attempt + 1 if counts else task.attempt,
+                not_before=now + delay,
+            )
+        )
 
     async def _stage_done(self, task: Task, progress: JobProgress, done: StageDone) -> None:
         stage = progress.job.stage(task.stage)
         progress.finish_stage(task.stage, done.output, done.record)
-        progress.event("stage_finished", stage=task.stage, model=stage.model,
-                       backend=task.backend, wall_s=done.record["wall_s"])
+        progress.event(
+            "stage_finished",
+            stage=task.stage,
+            model=stage.model,
+            backend=task.backend,
+            wall_s=done.record["wall_s"],
+        )
         self.figures[task.model_key].learn_stage(done.record)
         self.counters.stages_done += 1
         log.info(
-            "stage_finished", attempt=task.attempt, wall_s=done.record["wall_s"],
-            queue_s=done.record["queue_s"], eval_count=done.record.get("eval_count"),
+            "stage_finished",
+            attempt=task.attempt,
+            wall_s=done.record["wall_s"],
+            queue_s=done.record["queue_s"],
+            eval_count=done.record.get("eval_count"),
             load_duration=done.record.get("load_duration"),
             truncated=done.record["truncated"] or None,
         )
@@ -293,14 +354,21 @@ class Engine:
         else:
             await self._checkpoint(progress)
             self._enqueue_ready(progress)
-        await self.notify("stage_finished", job=progress.job, stage=stage,
-                          output=done.output, record=done.record)
+        self.observe(
+            "stage_finished", job=progress.job, stage=stage, output=done.output, record=done.record
+        )
 
     async def _notify_stage_failed(
         self, progress: JobProgress, task: Task, error: str, *, final: bool
     ) -> None:
-        await self.notify("stage_failed", job=progress.job, stage=progress.job.stage(task.stage),
-                          error=error, attempt=task.attempt, final=final)
+        self.observe(
+            "stage_failed",
+            job=progress.job,
+            stage=progress.job.stage(task.stage),
+            error=error,
+            attempt=task.attempt,
+            final=final,
+        )
 
     async def _checkpoint(self, progress: JobProgress) -> None:
         lock = self._locks.setdefault(progress.job.id, asyncio.Lock())
@@ -318,9 +386,10 @@ class Engine:
         await asyncio.shield(self._publish(job_id, result, failed=False))
         self.counters.jobs_done += 1
         self.counters.finished_at.append(time.monotonic())
-        log.info("job_finished", job_id=job_id,
-                 elapsed_s=round(time.time() - progress.claimed_at, 6))
-        await self.notify("job_finished", job=progress.job, result=result)
+        log.info(
+            "job_finished", job_id=job_id, elapsed_s=round(time.time() - progress.claimed_at, 6)
+        )
+        self.observe("job_finished", job=progress.job, result=result)
 
     async def fail_job(
         self, progress: JobProgress, stage: str | None, kind: str, message: str, **extra: Any
@@ -334,7 +403,7 @@ class Engine:
         await asyncio.shield(self._publish(job_id, record, failed=True))
         self.counters.jobs_failed += 1
         log.warning("job_failed", job_id=job_id, stage=stage, kind=kind, error=message)
-        await self.notify("job_failed", job_id=job_id, job=progress.job, error=record["error"])
+        self.observe("job_failed", job_id=job_id, job=progress.job, error=record["error"])
 
     async def _publish(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
         """Publish the final record, then drop the checkpoint: the job leaves memory."""
@@ -355,11 +424,14 @@ class Engine:
         now = time.time()
         for progress in list(self.jobs.values()):
             if progress.deadline_at is not None and now >= progress.deadline_at:
-                waiting = sorted(progress.running) or [None]
-                await self.fail_job(progress, waiting[0], "deadline",
-                                    "job deadline passed before it finished "
-                                    "(deadline_s / [limits] job_deadline_s)",
-                                    backends_down=dict(self.down) or None)
+                waiting: list[str | None] = [*sorted(progress.running)] or [None]
+                await self.fail_job(
+                    progress,
+                    waiting[0],
+                    "deadline",
+                    "job deadline passed before it finished (deadline_s / [limits] job_deadline_s)",
+                    backends_down=dict(self.down) or None,
+                )
 
     # -- models -------------------------------------------------------------------------
 
@@ -386,8 +458,9 @@ class Engine:
             return
         self.scheduler.loaded(action.backend, action.model_key, time.monotonic())
         self.figures[action.model_key].learn_load(result.wall_s)
-        log.info("model_loaded", load_s=round(result.wall_s, 6),
-                 load_duration=result.load_duration_ns)
+        log.info(
+            "model_loaded", load_s=round(result.wall_s, 6), load_duration=result.load_duration_ns
+        )
 
     async def _unload(self, action: Unload) -> None:
         structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)

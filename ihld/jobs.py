@@ -178,7 +178,8 @@ def parse_document(value: Any, where: str = "") -> JobSpec:
     """Validate one decoded JSON value against the job schema."""
     if not isinstance(value, dict):
         raise JobError(
-            f"{where + ': ' if where else ''}a job must be a JSON object, got {type(value).__name__}",
+            f"{where + ': ' if where else ''}a job must be a JSON object, "
+            f"got {type(value).__name__}",
             kind="invalid_schema",
         )
     try:
@@ -288,10 +289,15 @@ def resolve(
     pipeline_overrides = (config_overrides or {}).get(spec.pipeline or "", {})
     stages: list[StageSpec] = []
     for index, stage in enumerate(base):
-        where = f"{prefix}[{index}]" if prefix == "stages" else f"pipeline {spec.pipeline!r} stage {stage.name!r}"
+        where = (
+            f"{prefix}[{index}]"
+            if prefix == "stages"
+            else f"pipeline {spec.pipeline!r} stage {stage.name!r}"
+        )
         if stage.actor not in actor_models:
             raise JobError(
-                f"{where}: unknown actor {stage.actor!r} (known: {', '.join(sorted(actor_models))})",
+                f"{where}: unknown actor {stage.actor!r} "
+                f"(known: {', '.join(sorted(actor_models))})",
                 kind="unknown_actor",
                 path=f"{prefix}[{index}].actor" if prefix == "stages" else "pipeline",
             )
@@ -310,7 +316,9 @@ def resolve(
             raise JobError(
                 f"{where}: no model (set 'model' on the stage or in overrides)",
                 kind="invalid_schema",
-                path=f"{prefix}[{index}].model" if prefix == "stages" else f"overrides.{stage.name}.model",
+                path=f"{prefix}[{index}].model"
+                if prefix == "stages"
+                else f"overrides.{stage.name}.model",
             )
         update["model"] = model
         needs = stage.needs if stage.needs is not None else ((names[index - 1],) if index else ())

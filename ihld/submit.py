@@ -61,7 +61,7 @@ async def control_request(
     socket_path: Path, method: str, path: str, timeout_s: float = 3.0
 ) -> dict[str, Any] | None:
     """Call the daemon's control socket; None when no daemon answers."""
-    if not socket_path.exists():
+    if not socket_path.exists():  # noqa: ASYNC240 - a stat, before any I/O
         return None
     connector = aiohttp.UnixConnector(path=str(socket_path))
     timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -186,6 +186,7 @@ class Daemon:
 
     async def _recover(self, crashed: dict[str, int], clean: bool) -> int:
         """Resume checkpointed jobs, finish interrupted claims, quarantine poison."""
+        self.notifier.extend_timeout(90)  # a large spool takes a while; keep systemd patient
         for tmp in self.spool.iter_tmp_files():
             tmp.unlink(missing_ok=True)
         progresses: list[JobProgress] = []

@@ -127,14 +127,24 @@ class Spool:
 
     def prepare(self) -> None:
         """Create the directories; fail with a message that says what to fix."""
-        dirs = (self.root, self.inbox, self.work, self.claimed, self.jobs, self.outbox,
-                self.failed, self.failed_inputs, self.log_dir, self.run_dir)
+        dirs = (
+            self.root,
+            self.inbox,
+            self.work,
+            self.claimed,
+            self.jobs,
+            self.outbox,
+            self.failed,
+            self.failed_inputs,
+            self.log_dir,
+            self.run_dir,
+        )
         for directory in dirs:
             try:
                 if not directory.exists():
                     directory.mkdir(mode=0o750)
-                    if directory == self.inbox:  # group members may drop jobs (umask aside)
-                        directory.chmod(0o2770)
+                    if directory == self.inbox:
+                        _make_group_inbox(directory)
             except OSError as exc:
                 raise SpoolError(
                     f"cannot create spool directory {directory}: {exc.strerror}; "
@@ -186,8 +196,9 @@ class Spool:
         found = []
         try:
             entries = list(os.scandir(self.inbox))
-        except FileNotFoundError:
-            self.inbox.mkdir(mode=0o2770, exist_ok=True)
+        except FileNotFoundError:  # deleted under us: re-create it, rescans will see new files
+            self.inbox.mkdir(mode=0o750, exist_ok=True)
+            _make_group_inbox(self.inbox)
             return []
         for entry in entries:
             name = entry.name
@@ -208,7 +219,9 @@ class Spool:
         recovered claim still knows the id its jobs default to.
         """
         suffix = os.path.splitext(name)[1]
-        target = self.claimed / f"{time.time_ns():020d}.{os.getpid()}.{next(_seq)}--{default_id}{suffix}"
+        target = (
+            self.claimed / f"{time.time_ns():020d}.{os.getpid()}.{next(_seq)}--{default_id}{suffix}"
+        )
         failpoints.hit("claim.before_rename")
         try:
             os.rename(self.inbox / name, target)
@@ -231,11 +244,13 @@ class Spool:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise JobError("a symlink is not a job file; ihld never follows links",
-                               kind="symlink") from None
+                raise JobError(
+                    "a symlink is not a job file; ihld never follows links", kind="symlink"
+                ) from None
             if exc.errno == errno.EACCES:
-                raise JobError("file is not readable by the daemon (permission denied)",
-                               kind="unreadable") from None
+                raise JobError(
+                    "file is not readable by the daemon (permission denied)", kind="unreadable"
+                ) from None
             if exc.errno == errno.ENXIO:
                 raise JobError("not a regular file (socket)", kind="not_regular") from None
             raise
@@ -244,8 +259,9 @@ class Spool:
             if not stat.S_ISREG(st.st_mode):
                 raise JobError(f"not a regular file ({_kind(st.st_mode)})", kind="not_regular")
             if st.st_nlink > 1:
-                raise JobError("file has other hard links; copy it instead of linking",
-                               kind="hard_link")
+                raise JobError(
+                    "file has other hard links; copy it instead of linking", kind="hard_link"
+                )
             if st.st_size > max_bytes:
                 raise JobError(
                     f"file is {st.st_size} bytes, over the limit of {max_bytes} "
@@ -327,7 +343,8 @@ class Spool:
 
     def checkpoint_ids(self) -> list[str]:
         return sorted(
-            p.name[:-5] for p in self.jobs.iterdir()
+            p.name[:-5]
+            for p in self.jobs.iterdir()
             if p.name.endswith(".json") and not p.name.startswith(".")
         )
 
@@ -370,7 +387,9 @@ class Spool:
         raise SpoolError(f"cannot find a free name for failure record {name}")
 
     def is_finished(self, job_id: str) -> bool:
-        return (self.outbox / f"{job_id}.json").exists() or (self.failed / f"{job_id}.json").exists()
+        return (self.outbox / f"{job_id}.json").exists() or (
+            self.failed / f"{job_id}.json"
+        ).exists()
 
     def known_ids(self) -> set[str]:
         """Ids already in work/jobs, outbox/ or failed/ (for duplicate detection)."""
@@ -383,11 +402,13 @@ class Spool:
 
     def counts(self) -> dict[str, int]:
         """Files per spool directory (``ihld status`` when the daemon is down)."""
+
         def count(directory: Path) -> int:
             try:
                 return sum(1 for n in os.listdir(directory) if not n.startswith("."))
             except FileNotFoundError:
                 return 0
+
         return {
             "inbox": count(self.inbox),
             "claimed": count(self.claimed),
@@ -447,6 +468,19 @@ class InflightLog:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _make_group_inbox(path: Path) -> None:
+    """Group members may drop jobs: 2770 (setgid keeps the group on new files).
+
+    Under systemd's ``RestrictSUIDSGID=yes`` setting the setgid bit is refused
+    (EPERM); the unit creates the inbox with ``install -m 2770`` before start,
+    so falling back to 0770 here only happens outside that unit.
+    """
+    try:
+        path.chmod(0o2770)
+    except PermissionError:
+        path.chmod(0o770)
 
 
 def _safe(name: str) -> str:

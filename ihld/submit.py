@@ -34,8 +34,9 @@ def submit_file(source: Path, inbox: Path, name: str | None = None) -> Path:
     tmp = inbox / f".{name}.{os.getpid()}.tmp"
     target = inbox / name
     with open(source, "rb") as src:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
         try:
+            os.fchmod(fd, 0o640)  # the daemon reads it through the group, whatever the umask
             while chunk := src.read(1 << 20):
                 os.write(fd, chunk)
             os.fsync(fd)

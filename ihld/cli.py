@@ -15,8 +15,12 @@ from ihld.errors import IhldError
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", metavar="FILE",
-                        help="config file (default: $IHLD_CONFIG, else etc/ihld.toml)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="config file (default: $IHLD_CONFIG, else etc/ihld.toml)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -56,8 +60,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"daemon": "not running", "spool": counts}))
         else:
-            print(f"ihld daemon is not running (no answer on {spool.run_dir / 'ihld.sock'}); "
-                  "counts from the spool directories:")
+            print(
+                f"ihld daemon is not running (no answer on {spool.run_dir / 'ihld.sock'}); "
+                "counts from the spool directories:"
+            )
             for key, value in counts.items():
                 print(f"  {key:12} {value}")
         return 3
@@ -75,8 +81,9 @@ def render_status(snap: dict[str, Any]) -> str:
     lines.append(f"  {'model':32} {'ready':>7} {'in flight':>9} {'done':>7} {'stage s':>8}")
     for model, row in sorted(snap["models"].items()):
         stage_s = f"{row['stage_s']:.2f}" if "stage_s" in row else "-"
-        lines.append(f"  {model:32} {row['ready']:7} {row['in_flight']:9} {row['done']:7} "
-                     f"{stage_s:>8}")
+        lines.append(
+            f"  {model:32} {row['ready']:7} {row['in_flight']:9} {row['done']:7} {stage_s:>8}"
+        )
     for name, backend in snap["backends"].items():
         state = "up" if backend["up"] else f"DOWN ({backend['down_reason']})"
         resident = ", ".join(f"{m} ({s})" for m, s in backend["resident"].items()) or "none"
@@ -114,8 +121,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from ihld.sim import Faults, run_sim
 
     faults = Faults(error_rate=args.error_rate)
-    run_sim(args.host, args.port, args.profile, args.speed, faults, args.seed,
-            args.slots, args.max_loaded)
+    run_sim(
+        args.host,
+        args.port,
+        args.profile,
+        args.speed,
+        faults,
+        args.seed,
+        args.slots,
+        args.max_loaded,
+    )
     return 0
 
 
@@ -132,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     _config_arg(run)
-    run.add_argument("--once", action="store_true",
-                     help="process everything in the inbox, wait for it, exit 0")
+    run.add_argument(
+        "--once", action="store_true", help="process everything in the inbox, wait for it, exit 0"
+    )
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="copy job files into the inbox atomically")

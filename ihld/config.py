@@ -108,7 +108,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the file are relative to the file's directory."""
     if not config.spool.dir.is_absolute():
         config.spool.dir = (base / config.spool.dir).resolve()
-    config.plugins.dirs = [d if d.is_absolute() else (base / d).resolve() for d in config.plugins.dirs]
+    config.plugins.dirs = [
+        d if d.is_absolute() else (base / d).resolve() for d in config.plugins.dirs
+    ]
     return config
 
 

@@ -71,8 +71,13 @@ def finalize_request(request: ChatRequest, stage: StageSpec) -> ChatRequest:
 
 
 def stage_record(
-    stage: StageSpec, backend: str, attempt: int, result: ChatResult,
-    *, queued_s: float, started_at: float,
+    stage: StageSpec,
+    backend: str,
+    attempt: int,
+    result: ChatResult,
+    *,
+    queued_s: float,
+    started_at: float,
 ) -> dict[str, Any]:
     """What the outbox keeps of one stage: who ran it, Ollama's figures and our own."""
     metrics = result.metrics
@@ -90,7 +95,8 @@ def stage_record(
         "first_byte_s": round(result.first_byte_s, 6),
         # Ollama's load_duration includes its own queue wait; this is ours.
         "server_wait_s": round(max(0.0, result.first_byte_s - load_ns / 1e9), 6)
-        if load_ns else 0.0,
+        if load_ns
+        else 0.0,
         "started_at": round(started_at, 6),
         "finished_at": round(time.time(), 6),
     }
@@ -119,8 +125,9 @@ async def run_stage(
         async with asyncio.timeout(timeout_s):
             result = await backend.chat(request, keep_alive=keep_alive, task_tag=tag)
     except TimeoutError:
-        return StageRetry("stage_timeout", f"no complete reply within {timeout_s:g} s "
-                          "([limits] stage_timeout_s)")
+        return StageRetry(
+            "stage_timeout", f"no complete reply within {timeout_s:g} s ([limits] stage_timeout_s)"
+        )
     except BackendError as exc:
         if not exc.retryable:
             return StageFailed(exc.kind, str(exc))
@@ -131,8 +138,9 @@ async def run_stage(
         return _stage_error(exc)
     except Exception as exc:
         return StageRetry("plugin_error", f"actor {actor.name!r} parse_response raised {exc!r}")
-    record = stage_record(stage, backend.name, ctx.attempt, result,
-                          queued_s=queued_s, started_at=started_at)
+    record = stage_record(
+        stage, backend.name, ctx.attempt, result, queued_s=queued_s, started_at=started_at
+    )
     return StageDone(output, record)
 
 

@@ -76,7 +76,8 @@ class Intake:
             return None
         job_id = _stem_id(entry.name)
         record = rejection(
-            job_id, entry.kind if entry.kind != "file" else "not_regular",
+            job_id,
+            entry.kind if entry.kind != "file" else "not_regular",
             reasons.get(entry.kind, "not a regular file"),
             {"file": entry.name, "kept_as": str(moved.relative_to(self.spool.root))},
         )
@@ -94,8 +95,10 @@ class Intake:
         """Split a claimed file into accepted jobs and rejections, then drop the claim."""
         result = IntakeResult()
         default_id = Spool.claimed_default_id(path)
-        source: dict[str, Any] = {"file": original if original is not None else default_id,
-                                  "claim": path.name}
+        source: dict[str, Any] = {
+            "file": original if original is not None else default_id,
+            "claim": path.name,
+        }
         try:
             data = self.spool.read_claimed(path, self.max_bytes)
         except JobError as exc:
@@ -114,8 +117,13 @@ class Intake:
         return result
 
     def _reject_file(
-        self, path: Path, job_id: str, kind: str, message: str,
-        source: dict[str, Any], result: IntakeResult,
+        self,
+        path: Path,
+        job_id: str,
+        kind: str,
+        message: str,
+        source: dict[str, Any],
+        result: IntakeResult,
     ) -> None:
         """Record the error first, then keep the bytes: a crash between the two replays safely."""
         kept = self.spool.failed_inputs / path.name
@@ -128,21 +136,28 @@ class Intake:
         self.spool.reject_claimed(path)
 
     def _one(
-        self, entry: Entry, path: Path, source: dict[str, Any],
-        in_file: set[str], result: IntakeResult,
+        self,
+        entry: Entry,
+        path: Path,
+        source: dict[str, Any],
+        in_file: set[str],
+        result: IntakeResult,
     ) -> None:
         job_id = entry.job_id
         where = {**source, "line": entry.line} if entry.line is not None else dict(source)
         error: JobError | None = entry.error
         if error is None and job_id in in_file:
-            error = JobError(f"duplicate id {job_id!r} in this file", kind="duplicate_id", path="id")
+            error = JobError(
+                f"duplicate id {job_id!r} in this file", kind="duplicate_id", path="id"
+            )
         if error is None and job_id in self.known_ids:
             if self._already_recorded(job_id, path.name, entry.line):
                 in_file.add(job_id)
                 return
             error = JobError(
                 f"duplicate id {job_id!r}: a job with this id was already submitted",
-                kind="duplicate_id", path="id",
+                kind="duplicate_id",
+                path="id",
             )
         job: Job | None = None
         if error is None:
@@ -154,8 +169,14 @@ class Intake:
         in_file.add(job_id)
         if error is not None or job is None:
             assert error is not None
-            record = rejection(job_id, error.kind, str(error), where, field=error.path or None,
-                               raw=entry.raw or None)
+            record = rejection(
+                job_id,
+                error.kind,
+                str(error),
+                where,
+                field=error.path or None,
+                raw=entry.raw or None,
+            )
             if self._already_recorded(job_id, path.name, entry.line):
                 return
             self.spool.publish_failure(job_id, record)

@@ -85,7 +85,9 @@ def _quick_depth(text: str) -> int:
 def decode_text(data: bytes) -> str:
     """Bytes to text: UTF-8 only; a BOM or UTF-16 gets a message saying so."""
     if data.startswith(b"\xef\xbb\xbf"):
-        raise StrictJSONError("file starts with a UTF-8 byte-order mark; save it without BOM", "encoding")
+        raise StrictJSONError(
+            "file starts with a UTF-8 byte-order mark; save it without BOM", "encoding"
+        )
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise StrictJSONError("file is UTF-16; job files must be UTF-8", "encoding")
     if b"\x00" in data:
@@ -105,9 +107,7 @@ def loads(text: str) -> Any:
     if _quick_depth(text) > MAX_DEPTH:
         raise StrictJSONError(f"nesting deeper than {MAX_DEPTH} levels", "invalid_json")
     try:
-        value = json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
-        )
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except StrictJSONError:
         raise
     except json.JSONDecodeError as exc:

@@ -382,8 +382,13 @@ class Scheduler:
         candidates = self._candidates(backend)
         if not candidates:
             return
-        if any(r.state in (ModelState.DRAINING, ModelState.UNLOADING, ModelState.LOADING)
-               for r in backend.resident.values()) and len(backend.resident) >= backend.max_loaded:
+        if (
+            any(
+                r.state in (ModelState.DRAINING, ModelState.UNLOADING, ModelState.LOADING)
+                for r in backend.resident.values()
+            )
+            and len(backend.resident) >= backend.max_loaded
+        ):
             return  # a switch is already under way
         served = self._served_priority(backend)
         overdue = {k for k in candidates if self._overdue(self.queues[k], served, now)}
@@ -431,4 +436,3 @@ class Scheduler:
         backend.resident[key] = Resident(key, model, ModelState.LOADING, since=now)
         self.stats.loads += 1
         actions.append(Load(backend.name, key, model))
-

@@ -86,11 +86,16 @@ def snapshot(engine: Engine, spool_counts: dict[str, int] | None = None) -> dict
             "failed": counters.jobs_failed,
             "rejected": counters.jobs_rejected,
         },
-        "stages": {"done": counters.stages_done, "retries": counters.stage_retries,
-                   "ready": engine.scheduler.ready_count(),
-                   "in_flight": len(engine.scheduler.inflight)},
-        "jobs_per_min": {"1m": round(jobs_per_min(engine, 60, now), 2),
-                         "15m": round(jobs_per_min(engine, 900, now), 2)},
+        "stages": {
+            "done": counters.stages_done,
+            "retries": counters.stage_retries,
+            "ready": engine.scheduler.ready_count(),
+            "in_flight": len(engine.scheduler.inflight),
+        },
+        "jobs_per_min": {
+            "1m": round(jobs_per_min(engine, 60, now), 2),
+            "15m": round(jobs_per_min(engine, 900, now), 2),
+        },
         "eta_s": None if eta is None else round(eta, 1),
         "loads": engine.scheduler.stats.loads,
         "models": dict(models),
@@ -118,7 +123,9 @@ def summary_line(snap: dict[str, Any]) -> str:
     if snap["eta_s"] and jobs["in_progress"]:
         parts.append(f"ETA {_duration(snap['eta_s'])}")
     resident = [
-        model for b in snap["backends"].values() for model, state in b["resident"].items()
+        model
+        for b in snap["backends"].values()
+        for model, state in b["resident"].items()
         if state == ModelState.LOADED.value
     ]
     if resident:

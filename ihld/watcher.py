@@ -102,8 +102,7 @@ class InboxWatcher:
             if not is_candidate(entry.name):
                 if entry.name not in self._ignored:
                     self._ignored.add(entry.name)
-                    log.info("inbox_file_ignored", file=entry.name,
-                             reason="not *.json or *.jsonl")
+                    log.info("inbox_file_ignored", file=entry.name, reason="not *.json or *.jsonl")
                 continue
             seen = self._seen.get(entry.name)
             if seen is None or (seen.size, seen.mtime_ns) != (entry.size, entry.mtime_ns):
@@ -160,8 +159,12 @@ class InboxWatcher:
             replaced = asyncio.create_task(self._watch_inode(inode, stop, watch_stop))
             try:
                 async for _changes in awatch(
-                    self.spool.inbox, stop_event=watch_stop, debounce=20, step=10,
-                    recursive=False, ignore_permission_denied=True,
+                    self.spool.inbox,
+                    stop_event=watch_stop,
+                    debounce=20,
+                    step=10,
+                    recursive=False,
+                    ignore_permission_denied=True,
                 ):
                     self.events_seen += 1
                     self._wake.set()
@@ -174,7 +177,9 @@ class InboxWatcher:
                     await replaced
             self._wake.set()
 
-    async def _watch_inode(self, inode: int, stop: asyncio.Event, watch_stop: asyncio.Event) -> None:
+    async def _watch_inode(
+        self, inode: int, stop: asyncio.Event, watch_stop: asyncio.Event
+    ) -> None:
         """Stop the current ``awatch`` when the daemon stops or the inbox directory is replaced."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -71,8 +71,17 @@ def run(
             if all(n in done[job.id] for n in stage.needs):
                 queued[job.id].add(stage.name)
                 trace.ready_at[(job.id, stage.name)] = now
-                sched.add(Task(job.id, stage.name, stage.model, stage.model,
-                               priority=job.priority, job_seq=jobs.index(job), ready_at=now))
+                sched.add(
+                    Task(
+                        job.id,
+                        stage.name,
+                        stage.model,
+                        stage.model,
+                        priority=job.priority,
+                        job_seq=jobs.index(job),
+                        ready_at=now,
+                    )
+                )
 
     for _ in range(max_events):
         for action in sched.next_actions(now):
@@ -86,7 +95,9 @@ def run(
                 if any(n not in done[job.id] for n in stage.needs):
                     trace.violations.append(f"{task.key} dispatched before its needs")
                 resident = sched.backends[action.backend].resident.get(task.model_key)
-                if policy == "affinity" and (resident is None or resident.state is not ModelState.LOADED):
+                if policy == "affinity" and (
+                    resident is None or resident.state is not ModelState.LOADED
+                ):
                     trace.violations.append(f"{task.key} dispatched to a model not loaded")
                 trace.started[task.key] = now
                 trace.dispatched.append((now, action.backend, task.model_key, *task.key))
@@ -130,10 +141,13 @@ def run(
 
 def debate_jobs(n: int, service: float = 3.8) -> list[SimJob]:
     return [
-        SimJob(f"j{i}", [
-            SimStage("proposer", "qwen", (), service),
-            SimStage("critic", "gemma", ("proposer",), service),
-            SimStage("judge", "qwen", ("critic",), service),
-        ])
+        SimJob(
+            f"j{i}",
+            [
+                SimStage("proposer", "qwen", (), service),
+                SimStage("critic", "gemma", ("proposer",), service),
+                SimStage("judge", "qwen", ("critic",), service),
+            ],
+        )
         for i in range(n)
     ]

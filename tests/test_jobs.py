@@ -10,8 +10,10 @@ from ihld.errors import JobError
 from ihld.jobs import StageOverride, StageSpec, default_id_for, read_entries, resolve
 
 PIPELINES = {
-    "two": (StageSpec(name="a", actor="prompt", model="m1", prompt="x"),
-            StageSpec(name="b", actor="prompt", model="m2", prompt="y")),
+    "two": (
+        StageSpec(name="a", actor="prompt", model="m1", prompt="x"),
+        StageSpec(name="b", actor="prompt", model="m2", prompt="y"),
+    ),
 }
 ACTORS = {"prompt": None, "critic": "gemma2:9b"}
 
@@ -33,7 +35,9 @@ def test_jsonl_ids_default_to_stem_and_line() -> None:
 
 
 def test_bad_line_names_line_and_field_rest_still_parse() -> None:
-    found = entries("b.jsonl", '{"pipeline": "two"}\n{"pipeline": "two", "priority": "hi"}\n{oops\n')
+    found = entries(
+        "b.jsonl", '{"pipeline": "two"}\n{"pipeline": "two", "priority": "hi"}\n{oops\n'
+    )
     assert found[0].error is None
     assert "line 2: priority" in str(found[1].error)
     assert "line 3: malformed JSON" in str(found[2].error)
@@ -65,11 +69,19 @@ def test_default_id_for_unsafe_stems_is_safe_and_stable() -> None:
 
 
 def test_resolve_pipeline_with_overrides_precedence() -> None:
-    (entry,) = entries("j.json", json.dumps(
-        {"pipeline": "two", "overrides": {"b": {"model": "job-model", "options": {"num_ctx": 8192}}}}
-    ))
+    (entry,) = entries(
+        "j.json",
+        json.dumps(
+            {
+                "pipeline": "two",
+                "overrides": {"b": {"model": "job-model", "options": {"num_ctx": 8192}}},
+            }
+        ),
+    )
     config = {"two": {"a": StageOverride(model="config-model"), "b": StageOverride(model="cfg-b")}}
-    job = resolve(entry.spec, "j", pipelines=PIPELINES, actor_models=ACTORS, config_overrides=config)
+    job = resolve(
+        entry.spec, "j", pipelines=PIPELINES, actor_models=ACTORS, config_overrides=config
+    )
     assert [s.model for s in job.stages] == ["config-model", "job-model"]
     assert job.stages[1].needs == ("a",)
     assert job.stages[1].model_key() == "job-model{num_ctx=8192}"
@@ -81,9 +93,16 @@ def test_resolve_pipeline_with_overrides_precedence() -> None:
         ({"pipeline": "nope"}, "unknown_pipeline", "unknown pipeline 'nope' (known: two)"),
         ({"stages": [{"name": "a", "actor": "ghost", "model": "m"}]}, "unknown_actor", "ghost"),
         ({"stages": [{"name": "a", "prompt": "x"}]}, "invalid_schema", "no model"),
-        ({"stages": [{"name": "a", "model": "m", "needs": ["b"]},
-                     {"name": "b", "model": "m"}]}, "invalid_schema", "not an earlier stage"),
-        ({"pipeline": "two", "overrides": {"zz": {"model": "m"}}}, "invalid_schema", "overrides.zz"),
+        (
+            {"stages": [{"name": "a", "model": "m", "needs": ["b"]}, {"name": "b", "model": "m"}]},
+            "invalid_schema",
+            "not an earlier stage",
+        ),
+        (
+            {"pipeline": "two", "overrides": {"zz": {"model": "m"}}},
+            "invalid_schema",
+            "overrides.zz",
+        ),
     ],
 )
 def test_resolve_errors(doc: dict, kind: str, needle: str) -> None:

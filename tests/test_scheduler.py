@@ -61,8 +61,12 @@ def test_priority_orders_within_a_model_queue() -> None:
 
 def test_urgent_job_waits_at_most_max_wait() -> None:
     jobs = debate_jobs(200)
-    urgent = SimJob("urgent", [SimStage("a", "gemma", (), 3.8), SimStage("b", "qwen", ("a",), 3.8)],
-                    priority=10, arrival=100.0)
+    urgent = SimJob(
+        "urgent",
+        [SimStage("a", "gemma", (), 3.8), SimStage("b", "qwen", ("a",), 3.8)],
+        priority=10,
+        arrival=100.0,
+    )
     trace = run([*jobs, urgent], one_backend(), max_wait_s=60.0)
     assert not trace.violations
     for stage in ("a", "b"):
@@ -113,10 +117,14 @@ def workloads(draw: st.DrawFn) -> tuple[list[SimJob], int, int, int]:
         stages: list[SimStage] = []
         for s in range(draw(st.integers(1, 4))):
             needs = tuple(stages[i].name for i in range(s) if draw(st.booleans()))
-            stages.append(SimStage(f"s{s}", draw(st.sampled_from(models)), needs,
-                                   draw(st.floats(0.1, 10.0))))
-        jobs.append(SimJob(f"j{j}", stages, priority=draw(st.integers(0, 3)),
-                           arrival=draw(st.floats(0, 50))))
+            stages.append(
+                SimStage(f"s{s}", draw(st.sampled_from(models)), needs, draw(st.floats(0.1, 10.0)))
+            )
+        jobs.append(
+            SimJob(
+                f"j{j}", stages, priority=draw(st.integers(0, 3)), arrival=draw(st.floats(0, 50))
+            )
+        )
     jobs[-1].priority = 10
     return jobs, draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
 
@@ -126,9 +134,13 @@ LOAD_S = 2.0
 
 @settings(max_examples=150, deadline=None)
 @given(workloads(), st.sampled_from(["affinity", "fifo"]))
-def test_invariants_on_random_dags(workload: tuple[list[SimJob], int, int, int], policy: str) -> None:
+def test_invariants_on_random_dags(
+    workload: tuple[list[SimJob], int, int, int], policy: str
+) -> None:
     jobs, slots, max_loaded, n_backends = workload
-    backends = [BackendSlots(f"b{i}", slots=slots, max_loaded=max_loaded) for i in range(n_backends)]
+    backends = [
+        BackendSlots(f"b{i}", slots=slots, max_loaded=max_loaded) for i in range(n_backends)
+    ]
     max_wait = 5.0
     trace = run(jobs, backends, policy=policy, max_wait_s=max_wait, load_s=LOAD_S)
     # every task ran exactly once (a second dispatch is recorded as a violation)

@@ -94,9 +94,10 @@ def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
         yield parent
         parent.chmod(0o755)
         return
-    if shutil.which("chattr") is None or subprocess.run(
-        ["chattr", "+i", str(parent)], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0
+    ):
         pytest.skip("running as root and chattr +i is not available here")
     try:
         yield parent

@@ -1,0 +1,408 @@
+"""HTTP handlers: Ollama's endpoints plus the simulator's own /sim/* controls.
+
+The chat/generate handler does what Ollama's ChatHandler does, in its order:
+validate (400), find the model (404), unload or load on request, get a
+runner from the scheduler (503 when the load queue is full), then hold a
+slot, evaluate the prompt and stream the tokens at the cost model's pace.
+Injected faults cut in at the point where the real failure would happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ihld.sim.api import (
+    OLLAMA_VERSION,
+    BadRequest,
+    CompletionCall,
+    Endpoint,
+    context_tokens,
+    final_object,
+    lifecycle_object,
+    message_chunk,
+    parse_call,
+    ps_entry,
+    show_object,
+    tags_entry,
+)
+from ihld.sim.engine import ERR_MAX_QUEUE, Engine, QueueFull
+from ihld.sim.faults import FaultChoice, FaultPicker, Faults
+from ihld.sim.output import plan_output, prompt_tokens, request_key
+from ihld.sim.profiles import Profile
+from ihld.sim.runner import Runner
+from ihld.sim.stats import RequestRecord, SimStats
+
+TASK_HEADER = "X-Ihld-Task"
+ERR_500 = "llama runner process has terminated: exit status 2"
+ERR_MIDSTREAM = "an error was encountered while running the model: unexpected EOF"
+
+
+@dataclass
+class SimState:
+    """Everything the handlers share, stored on the aiohttp application."""
+
+    profile: Profile
+    engine: Engine
+    stats: SimStats
+    faults: FaultPicker
+    speed: float
+    modified_at: float
+
+
+STATE: web.AppKey[SimState] = web.AppKey("ihld_sim_state", SimState)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 kept as is (as Go's encoding/json writes it)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, text=dumps(obj), content_type="application/json", charset="utf-8"
+    )
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status)
+
+
+# --- Ollama endpoints --------------------------------------------------------------
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running", content_type="text/plain", charset="utf-8")
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": OLLAMA_VERSION})
+
+
+async def tags(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response(
+        {"models": [tags_entry(spec, state.modified_at) for spec in state.profile.models]}
+    )
+
+
+async def ps(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    # Ollama lists the model that expires last first.
+    resident = sorted(state.engine.ps(), key=lambda item: -item[1])
+    models = [ps_entry(r.spec, r.size_vram, expiry, r.num_ctx) for r, expiry in resident]
+    return json_response({"models": models})
+
+
+async def show(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error_response(400, "missing request body")
+    if not isinstance(body, dict):
+        return error_response(400, "model is required")
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        return error_response(400, "model is required")
+    spec = state.profile.spec(name)
+    if spec is None:
+        return error_response(404, f"model '{name}' not found")
+    return json_response(show_object(spec, state.modified_at))
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, "chat")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, "generate")
+
+
+# --- /sim controls -----------------------------------------------------------------
+
+
+async def sim_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    snap = state.stats.snapshot()
+    snap["profile"] = state.profile.name
+    snap["scheduler"] = state.engine.describe()
+    return json_response(snap)
+
+
+async def sim_requests(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].stats.requests_json())
+
+
+async def sim_reset(request: web.Request) -> web.Response:
+    request.app[STATE].stats.reset()
+    return json_response({"ok": True})
+
+
+async def sim_faults_get(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].faults.faults.to_json())
+
+
+async def sim_faults_set(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object")
+        faults = Faults.from_json(body, state.faults.faults)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError("seed must be an integer")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error_response(400, str(exc))
+    state.faults.faults = faults
+    if seed is not None:
+        state.faults.reseed(seed)
+    return json_response(faults.to_json())
+
+
+# --- chat / generate ---------------------------------------------------------------
+
+
+def _guess_kind(body: Any, endpoint: Endpoint) -> str:
+    if not isinstance(body, dict):
+        return "chat"
+    content = body.get("messages") if endpoint == "chat" else body.get("prompt")
+    if content:
+        return "chat"
+    return "unload" if body.get("keep_alive") == 0 else "load"
+
+
+def _fail(rec: RequestRecord, status: int, message: str) -> web.Response:
+    rec.status = status
+    return error_response(status, message)
+
+
+async def _completion(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.monotonic()
+    task = request.headers.get(TASK_HEADER)
+    body: Any = None
+    try:
+        raw = await request.read()
+        if not raw.strip():
+            raise BadRequest("missing request body")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"invalid JSON: {exc}") from None
+        call = parse_call(body, endpoint)
+    except BadRequest as exc:
+        model = body.get("model") if isinstance(body, dict) else None
+        rec = state.stats.record_request(
+            model if isinstance(model, str) and model else None, task, _guess_kind(body, endpoint)
+        )
+        return _fail(rec, 400, str(exc))
+    rec = state.stats.record_request(call.model, task, call.kind)
+    return await _serve(request, state, call, rec, started)
+
+
+def _wants_thinking(think: Any) -> bool:
+    return think is True or think in ("high", "medium", "low")
+
+
+async def _serve(
+    request: web.Request,
+    state: SimState,
+    call: CompletionCall,
+    rec: RequestRecord,
+    started: float,
+) -> web.StreamResponse:
+    spec = state.profile.spec(call.model)
+    if spec is None:
+        return _fail(rec, 404, f'model "{call.model}" not found, try pulling it first')
+    if call.kind == "unload":
+        state.engine.expire(spec.name)
+        return await _send_whole(request, rec, lifecycle_object(call, "unload"), "unload")
+    if _wants_thinking(call.think) and not spec.thinking:
+        return _fail(rec, 400, f'"{call.model}" does not support thinking')
+    options, num_ctx = call.runner_options(state.profile)
+
+    fault = state.faults.pick() if call.kind == "chat" else None
+    if fault is not None:
+        rec.fault = fault.kind
+        state.stats.note_fault(fault.kind)
+        if fault.kind == "500":
+            return _fail(rec, 500, ERR_500)
+        if fault.kind == "503":
+            return _fail(rec, 503, ERR_MAX_QUEUE)
+        if fault.kind == "drop" and fault.early:
+            return _drop(request, None)
+        if fault.kind == "hang" and not await _hang(state):
+            return _drop(request, None)
+
+    try:
+        runner = await state.engine.acquire(spec, options, num_ctx, call.keep_alive)
+    except QueueFull as exc:
+        return _fail(rec, 503, str(exc))
+    try:
+        loaded = time.monotonic()
+        if call.kind == "load":
+            return await _send_whole(request, rec, lifecycle_object(call, "load"), "load")
+        return await _run(request, state, call, rec, runner, started, loaded, fault)
+    finally:
+        state.engine.release(runner)
+
+
+async def _hang(state: SimState) -> bool:
+    """Send nothing for ``hang_s`` (or until shutdown); False if the server is stopping."""
+    seconds = state.faults.faults.hang_s
+    closing = state.engine.closing
+    if seconds is None:
+        await closing.wait()
+        return False
+    try:
+        await asyncio.wait_for(closing.wait(), timeout=seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+def _drop(request: web.Request, resp: web.StreamResponse | None) -> web.StreamResponse:
+    """Close the connection abruptly; aiohttp then ignores the dead response quietly."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return resp if resp is not None else web.Response()
+
+
+async def _send_whole(
+    request: web.Request, rec: RequestRecord, obj: dict[str, Any], done_reason: str
+) -> web.StreamResponse:
+    """Write one JSON object and note it as completed only once it is out."""
+    resp = json_response(obj)
+    rec.status = 200
+    await resp.prepare(request)
+    await resp.write_eof()
+    rec.done_reason = done_reason
+    rec.completed = True
+    return resp
+
+
+class _Reply:
+    """The response under construction: NDJSON lines, or one object at the end."""
+
+    def __init__(self, request: web.Request, call: CompletionCall, rec: RequestRecord) -> None:
+        self.request = request
+        self.call = call
+        self.rec = rec
+        self.parts: list[str] = []
+        self.resp: web.StreamResponse | None = None
+
+    async def _line(self, obj: dict[str, Any]) -> None:
+        if self.resp is None:
+            resp = web.StreamResponse(status=200)
+            resp.content_type = "application/x-ndjson"
+            self.rec.status = 200
+            await resp.prepare(self.request)
+            self.resp = resp
+        await self.resp.write((dumps(obj) + "\n").encode())
+
+    async def chunk(self, text: str) -> None:
+        self.parts.append(text)
+        if self.call.stream:
+            await self._line(message_chunk(self.call, text))
+
+    async def finish(self, final: dict[str, Any], done_reason: str) -> web.StreamResponse:
+        if self.call.stream:
+            await self._line(final)
+            assert self.resp is not None
+            await self.resp.write_eof()
+            self.rec.done_reason = done_reason
+            self.rec.completed = True
+            return self.resp
+        return await _send_whole(self.request, self.rec, final, done_reason)
+
+    async def fail(self, message: str) -> web.StreamResponse:
+        """An error after output began: a final error line (200), else a real status."""
+        if self.call.stream and self.resp is not None:
+            await self._line({"error": message})
+            await self.resp.write_eof()
+            return self.resp
+        self.rec.status = 500
+        return error_response(500, message)
+
+    async def cut(self, final: dict[str, Any]) -> web.StreamResponse:
+        """Drop the connection mid-body."""
+        if not self.call.stream:
+            body = dumps(final).encode()
+            resp = web.StreamResponse(status=200)
+            resp.content_type = "application/json"
+            resp.charset = "utf-8"
+            resp.content_length = len(body)
+            self.rec.status = 200
+            await resp.prepare(self.request)
+            await resp.write(body[: len(body) // 2])
+            return _drop(self.request, resp)
+        return _drop(self.request, self.resp)
+
+
+async def _run(
+    request: web.Request,
+    state: SimState,
+    call: CompletionCall,
+    rec: RequestRecord,
+    runner: Runner,
+    started: float,
+    loaded: float,
+    fault: FaultChoice | None,
+) -> web.StreamResponse:
+    spec = runner.spec
+    speed = state.speed
+    key = request_key(spec.name, call.content(), call.format, call.options.get("seed"))
+    plan = plan_output(
+        key, mean_tokens=spec.mean_output_tokens, fmt=call.format, num_predict=call.num_predict()
+    )
+    tokens = plan.tokens
+    n_prompt = prompt_tokens(call.prompt_chars())
+    broken = fault is not None and (
+        fault.kind == "midstream" or (fault.kind == "drop" and not fault.early)
+    )
+    limit = max(1, len(tokens) // 2) if broken else len(tokens)
+    reply = _Reply(request, call, rec)
+
+    async def emit(start: int, end: int) -> None:
+        await reply.chunk("".join(tokens[start:end]))
+
+    async with runner.slot(state.stats):
+        began_prompt = time.monotonic()
+        prompt_s = n_prompt / spec.prompt_tps / speed
+        # Phases run back to back on the model's clock: decoding is due to start
+        # when the prompt is due to end, so a late wake-up is not added twice.
+        due = began_prompt + (prompt_s if math.isfinite(prompt_s) else 0.0)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        began_eval = time.monotonic()
+        await runner.pace(limit, speed, emit, start=due)
+        ended_eval = time.monotonic()
+
+    if fault is not None and fault.kind == "midstream":
+        return await reply.fail(ERR_MIDSTREAM)
+    metrics = {
+        "total_duration": _ns(time.monotonic() - started),
+        "load_duration": _ns(loaded - started),
+        "prompt_eval_count": n_prompt,
+        "prompt_eval_duration": _ns(began_eval - began_prompt),
+        "eval_count": limit,
+        "eval_duration": _ns(ended_eval - began_eval),
+    }
+    text = "" if call.stream else "".join(reply.parts)
+    context = context_tokens(key, n_prompt + limit) if call.endpoint == "generate" else None
+    final = final_object(call, text, plan.done_reason, metrics, context)
+    if broken:
+        return await reply.cut(final)
+    return await reply.finish(final, plan.done_reason)
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * 1e9))

@@ -63,14 +63,12 @@ def test_sigkill_mid_batch_resumes_without_resending_finished_stages(
     sim = sim_factory(speed=100.0)
     rig = rig_factory(sim.url)
     drop(rig.inbox, "batch.jsonl", debate_lines(30))
-    kills = 0
     for wait in (0.4, 0.7, 0.5):
         proc = rig.start()
         rig.wait_ready()
         time.sleep(wait)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
         before = finished_stages(rig)
         assert 0 < len(before) < 90, "the kill should land mid-batch"
         killed_at = time.time()

@@ -47,7 +47,8 @@ class BackendConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     policy: Literal["affinity", "fifo"] = "affinity"
-    max_wait_s: float = Field(default=600.0, gt=0)  # no ready task waits longer for affinity
+    max_wait_s: float = Field(default=600.0, gt=0)  # bound for higher-priority work
+    fair_wait_s: float | None = Field(default=None, gt=0)  # bound for all work (off)
     fifo_workers: int = Field(default=1, ge=1)  # concurrent jobs under fifo (the seed had 1)
 
 
@@ -74,6 +75,11 @@ class LogConfig(_Strict):
 class ControlConfig(_Strict):
     socket: bool = True  # <spool>/run/ihld.sock
     grace_s: float = Field(default=60.0, ge=0)  # SIGTERM: wait this long for in-flight stages
+    # Also serve GET /status and /metrics (read-only) on this TCP "host:port"; None: no listener.
+    listen: str | None = Field(
+        default=None,
+        pattern=r"^(localhost|\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):\d{1,5}$",
+    )
 
 
 class PipelineConfig(_Strict):

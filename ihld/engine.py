@@ -22,6 +22,7 @@ import structlog
 
 from ihld.actors import Actor, StageContext
 from ihld.backends.base import Backend, BackendError
+from ihld.commit import GroupCommitter
 from ihld.config import Config
 from ihld.executor import BackendDown, Outcome, StageDone, StageFailed, StageRetry, run_stage
 from ihld.progress import JobProgress
@@ -67,6 +68,36 @@ class ModelFigures:
             )
 
 
+class LearnedCosts:
+    """The scheduler's cost model, from what the engine learned of each model.
+
+    Unknown models get the mean of the known ones (or a cautious default), so
+    a first switch is not free in the scheduler's eyes.
+    """
+
+    DEFAULT_S = 5.0
+
+    def __init__(self, figures: Mapping[str, ModelFigures]) -> None:
+        self.figures = figures
+
+    def load_s(self, model_key: str) -> float:
+        known = self.figures.get(model_key)
+        if known is not None and known.load_s_ewma is not None:
+            return known.load_s_ewma
+        return self._mean("load_s_ewma")
+
+    def service_s(self, model_key: str) -> float:
+        known = self.figures.get(model_key)
+        if known is not None and known.service_s_ewma is not None:
+            return known.service_s_ewma
+        return self._mean("service_s_ewma")
+
+    def _mean(self, attribute: str) -> float:
+        values = [getattr(f, attribute) for f in self.figures.values()]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else self.DEFAULT_S
+
+
 @dataclass
 class Counters:
     jobs_done: int = 0
@@ -109,20 +140,22 @@ class Engine:
             )
             for b in config.backends
         ]
+        self.figures: dict[str, ModelFigures] = collections.defaultdict(ModelFigures)
         self.scheduler = Scheduler(
             slots,
             policy=config.scheduler.policy,
             max_wait_s=config.scheduler.max_wait_s,
+            fair_wait_s=config.scheduler.fair_wait_s,
             fifo_workers=config.scheduler.fifo_workers,
+            costs=LearnedCosts(self.figures),
         )
         self.jobs: dict[str, JobProgress] = {}
-        self.figures: dict[str, ModelFigures] = collections.defaultdict(ModelFigures)
         self.counters = Counters()
         self.down: dict[str, str] = {}  # backend -> why
         self.started = time.monotonic()
         self._kick = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.committer = GroupCommitter(spool)
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._observers: set[asyncio.Task[None]] = set()
         self._dispatching = True
@@ -167,6 +200,7 @@ class Engine:
 
     async def run(self) -> None:
         """Dispatch until ``stop_dispatching``; actions started keep running."""
+        self.committer.start()
         while self._dispatching:
             self._kick.clear()
             now = time.monotonic()
@@ -222,6 +256,7 @@ class Engine:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        await self.committer.close()
         return len(pending)
 
     # -- stages ---------------------------------------------------------------------
@@ -265,6 +300,8 @@ class Engine:
                 timeout_s=self.config.limits.stage_timeout_s,
                 queued_s=queued_s,
             )
+        self.scheduler.release(task)  # the slot can serve the next request while we save
+        self.kick()
         await asyncio.shield(self._apply(task, progress, outcome))
 
     async def _apply(self, task: Task, progress: JobProgress, outcome: Outcome) -> None:
@@ -310,7 +347,7 @@ class Engine:
             self.kick()
 
     def _requeue(self, task: Task, progress: JobProgress, *, delay: float, counts: bool) -> None:
-        self.scheduler.task_done(task)
+        self.scheduler.task_done(task)  # before the retry (same key) can be dispatched
         if counts:
             progress.attempts[task.stage] = task.attempt
         now = time.monotonic()
@@ -346,6 +383,7 @@ class Engine:
             wall_s=done.record["wall_s"],
             queue_s=done.record["queue_s"],
             eval_count=done.record.get("eval_count"),
+            eval_duration=done.record.get("eval_duration"),  # tokens/s in metrics and reports
             load_duration=done.record.get("load_duration"),
             truncated=done.record["truncated"] or None,
         )
@@ -371,10 +409,8 @@ class Engine:
         )
 
     async def _checkpoint(self, progress: JobProgress) -> None:
-        lock = self._locks.setdefault(progress.job.id, asyncio.Lock())
-        async with lock:
-            record = progress.checkpoint()
-            await asyncio.to_thread(self.spool.save_checkpoint, progress.job.id, record)
+        """Durably record finished stages before their successors may run."""
+        await self.committer.checkpoint(progress.job.id, progress.checkpoint())
 
     async def _finish_job(self, progress: JobProgress) -> None:
         job_id = progress.job.id
@@ -406,16 +442,18 @@ class Engine:
         self.observe("job_failed", job_id=job_id, job=progress.job, error=record["error"])
 
     async def _publish(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
-        """Publish the final record, then drop the checkpoint: the job leaves memory."""
+        """Publish the final record, then drop the checkpoint: the job leaves memory.
+
+        The committer keeps order, so every checkpoint of this job asked for
+        earlier is on disk before the result, and none can re-appear after
+        the checkpoint is removed.
+        """
         self.jobs.pop(job_id, None)
-        lock = self._locks.setdefault(job_id, asyncio.Lock())
-        async with lock:
-            if failed:
-                await asyncio.to_thread(self.spool.publish_failure, job_id, record)
-            else:
-                await asyncio.to_thread(self.spool.publish_result, job_id, record)
-            await asyncio.to_thread(self.spool.remove_checkpoint, job_id)
-        self._locks.pop(job_id, None)
+        if failed:
+            await self.committer.failure(job_id, record)
+        else:
+            await self.committer.result(job_id, record)
+        self.spool.remove_checkpoint(job_id)  # an unlink; recovery tidies up if it is lost
         if not self.jobs:
             self._idle.set()
 

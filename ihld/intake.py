@@ -112,6 +112,12 @@ class Intake:
         in_file: set[str] = set()
         for entry in entries:
             self._one(entry, path, source, in_file, result)
+        created = self.spool.create_checkpoints(
+            [(p.job.id, p.checkpoint()) for p in result.accepted]
+        )
+        # a checkpoint that already existed was written before a crash: recovery loads it
+        result.accepted = [p for p, new in zip(result.accepted, created, strict=True) if new]
+        failpoints.hit("intake.after_job_saved")
         failpoints.hit("intake.before_release")
         self.spool.done_with_claimed(path)
         return result
@@ -188,11 +194,8 @@ class Intake:
         if deadline is not None:
             progress.deadline_at = progress.claimed_at + deadline
         progress.event("job_claimed", file=source["file"], line=entry.line)
-        if not self.spool.save_checkpoint(job_id, progress.checkpoint(), create=True):
-            return  # written before a crash; recovery loads it from work/jobs
-        failpoints.hit("intake.after_job_saved")
         self.known_ids.add(job_id)
-        result.accepted.append(progress)
+        result.accepted.append(progress)  # checkpointed in one batch at the end of the file
 
     def _already_recorded(self, job_id: str, claim: str, line: int | None) -> bool:
         """True if a record for ``job_id`` came from this very claim and line (crash replay)."""

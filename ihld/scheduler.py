@@ -32,7 +32,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Literal, Protocol
 
 
 @dataclass(eq=False)
@@ -49,6 +49,7 @@ class Task:
     attempt: int = 1
     not_before: float = 0.0  # retry backoff: not dispatched before this time
     backend: str | None = None  # set when dispatched
+    released: bool = False  # its request ended; the slot is free, the outcome not yet applied
 
     @property
     def key(self) -> tuple[str, str]:
@@ -67,8 +68,13 @@ class Resident:
     key: str
     model: str
     state: ModelState
-    inflight: int = 0
+    inflight: int = 0  # requests holding a slot
+    finishing: int = 0  # requests ended whose outcome (and successors) is still being saved
     since: float = 0.0
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and self.finishing == 0
 
 
 @dataclass
@@ -111,6 +117,30 @@ class Unload:
 
 
 Action = Dispatch | Load | Unload
+
+
+class Costs(Protocol):
+    """What a switch costs and what a model's work is worth, in seconds.
+
+    The daemon answers from Ollama's own figures (learned load times and
+    stage times); tests and the discrete-event harness use fixed figures.
+    """
+
+    def load_s(self, model_key: str) -> float: ...
+
+    def service_s(self, model_key: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    load: float = 5.0
+    service: float = 5.0
+
+    def load_s(self, model_key: str) -> float:
+        return self.load
+
+    def service_s(self, model_key: str) -> float:
+        return self.service
 
 
 class ModelQueue:
@@ -174,8 +204,10 @@ class Scheduler:
         max_wait_s: float = 600.0,
         fair_wait_s: float | None = None,
         fifo_workers: int = 1,
+        costs: Costs | None = None,
     ) -> None:
         self.backends = {b.name: b for b in backends}
+        self.costs: Costs = costs or FixedCosts()
         self.policy = policy
         self.max_wait_s = max_wait_s
         self.fair_wait_s = fair_wait_s
@@ -212,14 +244,40 @@ class Scheduler:
         self._delayed = [d for d in self._delayed if d[2].job_id != job_id]
         heapq.heapify(self._delayed)
 
-    def task_done(self, task: Task) -> None:
-        """A dispatched task ended (finished, failed or to be retried): free its slot."""
-        self.inflight.pop(task.key, None)
+    def release(self, task: Task) -> None:
+        """The task's request ended: free its slot while its outcome is being saved.
+
+        The model still counts as busy (``finishing``) until ``task_done``, so a
+        successor stage on the same model arrives before any switch is
+        considered. Under ``fifo`` the worker stays taken: job by job means the
+        next job waits for this one's checkpoint.
+        """
+        if task.released or self.policy == "fifo" or self.inflight.get(task.key) is not task:
+            return
+        task.released = True
         backend = self.backends.get(task.backend or "")
         if backend is None:
             return
         backend.inflight = max(0, backend.inflight - 1)
         resident = backend.resident.get(task.model_key)
+        if resident is not None:
+            resident.inflight = max(0, resident.inflight - 1)
+            resident.finishing += 1
+
+    def task_done(self, task: Task) -> None:
+        """A dispatched task ended (finished, failed or to be retried): forget it. Idempotent."""
+        if self.inflight.get(task.key) is not task:
+            return
+        del self.inflight[task.key]
+        backend = self.backends.get(task.backend or "")
+        if backend is None:
+            return
+        resident = backend.resident.get(task.model_key)
+        if task.released:
+            if resident is not None:
+                resident.finishing = max(0, resident.finishing - 1)
+            return
+        backend.inflight = max(0, backend.inflight - 1)
         if resident is not None:
             resident.inflight = max(0, resident.inflight - 1)
 
@@ -369,13 +427,18 @@ class Scheduler:
         return out
 
     def _held_elsewhere(self, key: str, backend: BackendSlots, depth: int) -> bool:
-        """True if another backend serves this model and the queue is too short to split."""
+        """True if another backend serves this model and splitting its queue would not pay.
+
+        Loading the model here too pays when the queue would keep the other
+        backend busy for longer than a load takes here (twice, for margin).
+        """
         for other in self.backends.values():
             if other is backend or not other.up:
                 continue
             resident = other.resident.get(key)
             if resident is not None and resident.state in (ModelState.LOADING, ModelState.LOADED):
-                return depth <= 4 * other.slots
+                drain_s = depth * self.costs.service_s(key) / other.slots
+                return drain_s <= 2 * self.costs.load_s(key)
         return False
 
     def _plan_switch(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
@@ -394,10 +457,16 @@ class Scheduler:
         overdue = {k for k in candidates if self._overdue(self.queues[k], served, now)}
 
         def pressing(key: str) -> tuple[bool, int, float]:
+            """Overdue first, then priority, then waiting plus ready work, in seconds.
+
+            Ready work amortises the load; the oldest task's wait keeps a
+            small queue from being passed over for ever by a growing one.
+            """
             queue = self.queues[key]
             head = queue.peek()
             assert head is not None
-            return (key in overdue, head.priority, -head.ready_at)
+            work = len(queue) * self.costs.service_s(key) / backend.slots
+            return (key in overdue, head.priority, work + (now - head.ready_at))
 
         target = max(candidates, key=pressing)
         if len(backend.resident) < backend.max_loaded:
@@ -418,7 +487,7 @@ class Scheduler:
     def _victim(self, backend: BackendSlots, forced: bool) -> Resident | None:
         """The resident model to give up: an idle one, or (forced) the least pressing."""
         loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
-        idle = [r for r in loaded if r.inflight == 0 and not len(self.queues.get(r.key) or ())]
+        idle = [r for r in loaded if r.idle and not len(self.queues.get(r.key) or ())]
         if idle:
             return min(idle, key=lambda r: r.since)
         if not forced or not loaded:

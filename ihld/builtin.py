@@ -307,5 +307,11 @@ PROMPT_ACTOR = PromptActor()
 
 @hookimpl(trylast=True)
 def register_actors(register: Callable[[Actor], None]) -> None:
-    """The fallback ``prompt`` actor; trylast so user plugins are asked first."""
+    """The fallback ``prompt`` actor, and ``openai-chat`` for OpenAI batch lines.
+
+    trylast so user plugins are asked first.
+    """
+    from ihld.openai_batch import OpenAIChatActor
+
     register(PROMPT_ACTOR)
+    register(OpenAIChatActor())

@@ -192,7 +192,11 @@ class Engine:
 
     def observe(self, hook: str, **kwargs: Any) -> None:
         """Tell plugin observers, in the background: a slow observer never holds a slot."""
-        task = asyncio.create_task(self.notify(hook, **kwargs))
+        self.observe_task(self.notify(hook, **kwargs))
+
+    def observe_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run follow-up work in the background; shutdown waits for it (briefly)."""
+        task = asyncio.create_task(coro)
         self._observers.add(task)
         task.add_done_callback(self._observers.discard)
 
@@ -257,6 +261,8 @@ class Engine:
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self.committer.close()
+        if self._observers:  # let plugin observers (and batch outputs) finish
+            await asyncio.wait(set(self._observers), timeout=5)
         return len(pending)
 
     # -- stages ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
 class IntakeResult:
     accepted: list[JobProgress] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # the error records
+    batch_manifest: dict[str, Any] | None = None  # an OpenAI batch file's lines
 
 
 def rejection(
@@ -71,18 +72,59 @@ class Intake:
             "fifo": "a FIFO is not a job file",
             "socket": "a socket is not a job file",
         }
-        moved = self.spool.reject_inbox_entry(entry.name)
-        if moved is None:
-            return None
         job_id = _stem_id(entry.name)
-        record = rejection(
-            job_id,
-            entry.kind if entry.kind != "file" else "not_regular",
-            reasons.get(entry.kind, "not a regular file"),
-            {"file": entry.name, "kept_as": str(moved.relative_to(self.spool.root))},
-        )
-        self.spool.publish_failure(job_id, record)
+        shown = display_name(entry.name)
+        kind = entry.kind if entry.kind != "file" else "not_regular"
+        # Record first, then move: a crash in between leaves the entry in the inbox and
+        # its record, which the replay finds (and moves the entry to the name it gives).
+        target = self._unmoved_rejection(job_id, shown, kind)
+        record: dict[str, Any] | None = None
+        if target is None:
+            target = self.spool.reject_target(entry.name)
+            record = rejection(
+                job_id,
+                kind,
+                reasons.get(entry.kind, "not a regular file"),
+                {"file": shown, "kept_as": str(target.relative_to(self.spool.root))},
+            )
+            self.spool.publish_failure(job_id, record, first=2 if job_id in self.known_ids else 1)
+            self.known_ids.add(job_id)  # the name is taken: a later job with this id is a duplicate
+        failpoints.hit("reject.before_move")
+        self.spool.reject_inbox_entry(entry.name, target)
         return record
+
+    def _unmoved_rejection(self, job_id: str, shown: str, kind: str) -> Path | None:
+        """After a crash: the ``kept_as`` of this entry's rejection record, if not moved yet."""
+        for path in self._failure_records(job_id):
+            try:
+                record = jsonsafe.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            src = record.get("source") or {}
+            kept = src.get("kept_as")
+            if (
+                record.get("status") == "rejected"
+                and (record.get("error") or {}).get("kind") == kind
+                and src.get("file") == shown
+                and "claim" not in src
+                and isinstance(kept, str)
+                and not (self.spool.root / kept).exists()
+                and not (self.spool.root / kept).is_symlink()
+            ):
+                return self.spool.root / kept
+        return None
+
+    def _failure_records(self, job_id: str) -> list[Path]:
+        """``failed/<id>.json`` and its ``<id>~N.json`` siblings (duplicates), in order."""
+        paths = []
+        for n in range(1, 10_000):
+            path = self.spool.failed / (f"{job_id}.json" if n == 1 else f"{job_id}~{n}.json")
+            if not path.exists():
+                if n > 1:
+                    break
+                continue
+            paths.append(path)
+        return paths
 
     def claim_and_read(self, entry: InboxFile) -> IntakeResult | None:
         """Claim one inbox file and process it; None if it vanished first."""
@@ -96,7 +138,7 @@ class Intake:
         result = IntakeResult()
         default_id = Spool.claimed_default_id(path)
         source: dict[str, Any] = {
-            "file": original if original is not None else default_id,
+            "file": display_name(original) if original is not None else default_id,
             "claim": path.name,
         }
         try:
@@ -104,23 +146,53 @@ class Intake:
         except JobError as exc:
             self._reject_file(path, default_id, exc.kind, str(exc), source, result)
             return result
-        entries = list(read_entries(default_id, os.path.splitext(path.name)[1], data))
-        if len(entries) == 1 and entries[0].error is not None and entries[0].line is None:
-            err = entries[0].error
-            self._reject_file(path, default_id, err.kind, str(err), source, result)
+        try:
+            entries = list(read_entries(default_id, os.path.splitext(path.name)[1], data))
+            if len(entries) == 1 and entries[0].error is not None and entries[0].line is None:
+                err = entries[0].error
+                self._reject_file(path, default_id, err.kind, str(err), source, result)
+                return result
+            in_file: set[str] = set()
+            for entry in entries:
+                self._one(entry, path, source, in_file, result)
+            if any(entry.openai for entry in entries):
+                result.batch_manifest = self._batch_manifest(path, default_id, entries)
+            created = self.spool.create_checkpoints(
+                [(p.job.id, p.checkpoint()) for p in result.accepted]
+            )
+        except OSError:
+            raise  # a full or failing disk: the claim stays, intake pauses and replays it
+        except Exception as exc:
+            # An input nobody foresaw (or a bug) must neither wedge the claim (it would be
+            # replayed, and fail, at every start) nor lose the file: reject it whole.
+            result.accepted = []
+            self._reject_file(
+                path,
+                default_id,
+                "intake_error",
+                f"ihld could not process this file: {type(exc).__name__}: {exc}"[:2000],
+                source,
+                result,
+            )
             return result
-        in_file: set[str] = set()
-        for entry in entries:
-            self._one(entry, path, source, in_file, result)
-        created = self.spool.create_checkpoints(
-            [(p.job.id, p.checkpoint()) for p in result.accepted]
-        )
         # a checkpoint that already existed was written before a crash: recovery loads it
         result.accepted = [p for p, new in zip(result.accepted, created, strict=True) if new]
+        self.known_ids.update(p.job.id for p in result.accepted)
         failpoints.hit("intake.after_job_saved")
         failpoints.hit("intake.before_release")
         self.spool.done_with_claimed(path)
         return result
+
+    def _batch_manifest(self, path: Path, batch: str, entries: list[Entry]) -> dict[str, Any]:
+        """Record which job each line of an OpenAI batch became (before the checkpoints)."""
+        from ihld import openai_batch
+
+        lines = [openai_batch.manifest_line(e.job_id, e.custom_id, e.line) for e in entries]
+        manifest = {"batch": batch, "claim": path.name, "lines": lines, "created_at": time.time()}
+        directory = self.spool.work / "batches"
+        directory.mkdir(exist_ok=True)
+        self.spool.save_json(directory, path.stem, manifest)
+        return manifest
 
     def _reject_file(
         self,
@@ -136,7 +208,8 @@ class Intake:
         if not self._already_recorded(job_id, path.name, None):
             source = {**source, "kept_as": str(kept.relative_to(self.spool.root))}
             record = rejection(job_id, kind, message, source)
-            self.spool.publish_failure(job_id, record)
+            taken = job_id in self.known_ids  # the bare name is that job's, not this file's
+            self.spool.publish_failure(job_id, record, first=2 if taken else 1)
             self.known_ids.add(job_id)
             result.rejected.append(record)
         self.spool.reject_claimed(path)
@@ -185,7 +258,10 @@ class Intake:
             )
             if self._already_recorded(job_id, path.name, entry.line):
                 return
-            self.spool.publish_failure(job_id, record)
+            # A duplicate's record never takes the bare name: that belongs to the job
+            # already submitted (recovery reads failed/<id>.json as that job's end).
+            taken = error.kind == "duplicate_id" or job_id in self.known_ids
+            self.spool.publish_failure(job_id, record, first=2 if taken else 1)
             self.known_ids.add(job_id)
             result.rejected.append(record)
             return
@@ -194,13 +270,18 @@ class Intake:
         if deadline is not None:
             progress.deadline_at = progress.claimed_at + deadline
         progress.event("job_claimed", file=source["file"], line=entry.line)
-        self.known_ids.add(job_id)
+        # known_ids is updated once the checkpoint exists (a full disk must not turn the
+        # replay of this file into "duplicate id" rejections)
         result.accepted.append(progress)  # checkpointed in one batch at the end of the file
 
     def _already_recorded(self, job_id: str, claim: str, line: int | None) -> bool:
         """True if a record for ``job_id`` came from this very claim and line (crash replay)."""
-        for directory in (self.spool.jobs, self.spool.failed, self.spool.outbox):
-            path = directory / f"{job_id}.json"
+        paths = [
+            self.spool.jobs / f"{job_id}.json",
+            *self._failure_records(job_id),
+            self.spool.outbox / f"{job_id}.json",
+        ]
+        for path in paths:
             try:
                 record = jsonsafe.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -209,6 +290,15 @@ class Intake:
             if src.get("claim") == claim and src.get("line") == line:
                 return True
         return False
+
+
+def display_name(name: str) -> str:
+    """A file name as records and logs show it: valid UTF-8 whatever its bytes.
+
+    ``os.listdir`` hands out undecodable bytes as lone surrogates, which no
+    UTF-8 writer accepts; they are shown as ``\\xff`` escapes instead.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _stem_id(name: str) -> str:

@@ -148,6 +148,8 @@ class Entry:
     spec: JobSpec | None = None
     error: JobError | None = None
     raw: str = ""  # the line's text (JSON Lines) for error records
+    custom_id: str | None = None  # an OpenAI batch line's custom_id (see openai_batch)
+    openai: bool = False  # the line was an OpenAI batch request
 
     @property
     def job_id(self) -> str:
@@ -239,10 +241,22 @@ def _entry(default_id: str, line: int | None, text: str) -> Entry:
     where = f"line {line}" if line is not None else ""
     try:
         value = jsonsafe.loads(text)
-        spec = parse_document(value, where)
     except jsonsafe.StrictJSONError as exc:
         msg = f"{where}: {exc}" if where else str(exc)
         return Entry(default_id, line, error=JobError(msg, kind=exc.kind), raw=text[:4096])
+    from ihld import openai_batch
+
+    if line is not None and openai_batch.is_batch_line(value):
+        custom_id = value.get("custom_id")
+        cid = custom_id if isinstance(custom_id, str) else None
+        try:
+            spec = openai_batch.to_spec(value)
+        except JobError as exc:
+            exc.args = (f"{where}: {exc}",)
+            return Entry(default_id, line, error=exc, raw=text[:4096], custom_id=cid, openai=True)
+        return Entry(default_id, line, spec=spec, raw=text[:4096], custom_id=cid, openai=True)
+    try:
+        spec = parse_document(value, where)
     except JobError as exc:
         return Entry(default_id, line, error=exc, raw=text[:4096])
     return Entry(default_id, line, spec=spec, raw=text[:4096])

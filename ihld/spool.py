@@ -332,9 +332,13 @@ class Spool:
         _fsync_dir(self.failed_inputs)
         return target
 
-    def reject_inbox_entry(self, name: str) -> Path | None:
+    def reject_target(self, name: str) -> Path:
+        """A fresh name under ``failed/inputs`` for an inbox entry that is not a job file."""
+        return self.failed_inputs / f"{time.time_ns():020d}.{next(_seq)}--{_safe(name)}"
+
+    def reject_inbox_entry(self, name: str, target: Path | None = None) -> Path | None:
         """Move a non-file (dir, FIFO, socket, symlink) out of the inbox without opening it."""
-        target = self.failed_inputs / f"{time.time_ns():020d}.{next(_seq)}--{_safe(name)}"
+        target = target or self.reject_target(name)
         try:
             os.rename(self.inbox / name, target)
         except FileNotFoundError:
@@ -424,23 +428,50 @@ class Spool:
         data = encode_record(record)
         tmp = _write_temp(directory, name, data)
         target = directory / f"{name}.json"
+        point = "failure" if directory == self.failed else "result"  # as ihld.commit names them
         try:
-            failpoints.hit("result.before_publish")
+            failpoints.hit(f"{point}.before_publish")
             os.link(tmp, target)
         except FileExistsError:
             return None
         finally:
             tmp.unlink(missing_ok=True)
-        failpoints.hit("result.after_publish")
+        failpoints.hit(f"{point}.after_publish")
         _fsync_dir(directory)
         return target
+
+    def save_json(self, directory: Path, name: str, record: dict[str, Any]) -> None:
+        """Durably write ``directory/name.json`` (replacing it): small internal records."""
+        tmp = _write_temp(directory, name, encode_record(record))
+        os.rename(tmp, directory / f"{name}.json")
+        _fsync_dir(directory)
+
+    def publish_text(self, name: str, data: bytes) -> Path | None:
+        """Publish ``outbox/name`` atomically, never overwriting; ``name~N`` if taken."""
+        stem, dot, suffix = name.partition(".")
+        tmp = _write_temp(self.outbox, stem, data)
+        try:
+            for n in range(1, 10_000):
+                target = self.outbox / (name if n == 1 else f"{stem}~{n}{dot}{suffix}")
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    continue
+                _fsync_dir(self.outbox)
+                return target
+        finally:
+            tmp.unlink(missing_ok=True)
+        return None
 
     def publish_result(self, job_id: str, record: dict[str, Any]) -> Path | None:
         return self.publish(self.outbox, job_id, record)
 
-    def publish_failure(self, name: str, record: dict[str, Any]) -> Path:
-        """Publish an error record; a taken name gets ``~2``, ``~3`` … (never clobbered)."""
-        for n in range(1, 10_000):
+    def publish_failure(self, name: str, record: dict[str, Any], *, first: int = 1) -> Path:
+        """Publish an error record; a taken name gets ``~2``, ``~3`` … (never clobbered).
+
+        ``first=2``: the bare name belongs to another job (a duplicate id), start at ``~2``.
+        """
+        for n in range(first, 10_000):
             candidate = name if n == 1 else f"{name}~{n}"
             path = self.publish(self.failed, candidate, record)
             if path is not None:
@@ -448,9 +479,23 @@ class Spool:
         raise SpoolError(f"cannot find a free name for failure record {name}")
 
     def is_finished(self, job_id: str) -> bool:
-        return (self.outbox / f"{job_id}.json").exists() or (
-            self.failed / f"{job_id}.json"
-        ).exists()
+        """True if this job's own result or failure record is published.
+
+        A *rejection* record (``status: rejected``) under the same name is not
+        the job's: it was written for a bad or duplicate submission, and
+        treating it as the job's end would drop a running job's checkpoint.
+        """
+        if (self.outbox / f"{job_id}.json").exists():
+            return True
+        try:
+            data = (self.failed / f"{job_id}.json").read_bytes()
+        except FileNotFoundError:
+            return False
+        try:
+            record = jsonsafe.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return True  # not ours to judge; never run a job twice
+        return not (isinstance(record, dict) and record.get("status") == "rejected")
 
     def known_ids(self) -> set[str]:
         """Ids already in work/jobs, outbox/ or failed/ (for duplicate detection)."""
@@ -520,12 +565,20 @@ class InflightLog:
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        self.write_errors = 0
 
     def started(self, job_id: str, stage: str) -> None:
-        os.write(self._fd, f"S {job_id} {stage}\n".encode())
+        self._write(f"S {job_id} {stage}\n".encode())
 
     def finished(self, job_id: str, stage: str) -> None:
-        os.write(self._fd, f"F {job_id} {stage}\n".encode())
+        self._write(f"F {job_id} {stage}\n".encode())
+
+    def _write(self, line: bytes) -> None:
+        """Never raise: a full disk must not stop a stage (this log is advice for poison checks)."""
+        try:
+            os.write(self._fd, line)
+        except OSError:
+            self.write_errors += 1
 
     def close(self) -> None:
         os.close(self._fd)

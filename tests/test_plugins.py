@@ -116,10 +116,10 @@ class Recorder:
 def test_hook_register_actors(plugin_dir: Path) -> None:
     write(plugin_dir, "echoes", echo("echo", "m1"))
     host = load(plugin_dir)
-    assert set(host.actors) == {"prompt", "echo"}
+    assert set(host.actors) == {"prompt", "openai-chat", "echo"}
     assert host.actors["echo"].name == "echo"
     assert isinstance(host.actors["echo"], Actor)
-    assert host.actor_models() == {"prompt": None, "echo": "m1"}
+    assert host.actor_models() == {"prompt": None, "openai-chat": None, "echo": "m1"}
     assert row(host, "echoes")["actors"] == ["echo"]
     assert row(host, "echoes")["hooks"] == ["register_actors"]
 
@@ -210,7 +210,7 @@ def test_user_plugin_overrides_builtin_prompt(plugin_dir: Path) -> None:
     host = load(plugin_dir)
     assert host.actors["prompt"] is not builtin.PROMPT_ACTOR
     assert host.actor_models()["prompt"] == "mine"
-    assert row(host, "ihld.builtin")["actors"] == []
+    assert row(host, "ihld.builtin")["actors"] == ["openai-chat"]
     assert row(host, "ihld.builtin")["shadowed"] == ["prompt"]
     assert row(host, "myprompt")["actors"] == ["prompt"]
 
@@ -530,7 +530,7 @@ def test_allow_list_env_loads_only_named_plugins(
     with structlog.testing.capture_logs() as logs:
         host = load(plugin_dir)
     assert [e["plugin"] for e in logs if e["event"] == "plugin_not_found"] == ["other"]
-    assert set(host.actors) == {"prompt", "a"}
+    assert set(host.actors) == {"prompt", "openai-chat", "a"}
     assert [r["name"] for r in host.describe()] == ["ihld.builtin", "alpha"]
 
 
@@ -540,14 +540,14 @@ def test_allow_list_env_empty_loads_only_builtin(
     _two_plugins(plugin_dir)
     monkeypatch.setenv("IHLD_LOAD_PLUGINS", "")
     host = load(plugin_dir)
-    assert set(host.actors) == {"prompt"}
+    assert set(host.actors) == {"prompt", "openai-chat"}
 
 
 def test_allow_argument_wins_over_env(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _two_plugins(plugin_dir)
     monkeypatch.setenv("IHLD_LOAD_PLUGINS", "beta")
     host = load(plugin_dir, allow=["alpha"])
-    assert set(host.actors) == {"prompt", "a"}
+    assert set(host.actors) == {"prompt", "openai-chat", "a"}
 
 
 # -- entry points ----------------------------------------------------------------------
@@ -765,7 +765,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "file": builtin.__file__,
             "dist": None,
             "hooks": ["register_actors"],
-            "actors": ["prompt"],
+            "actors": ["prompt", "openai-chat"],
             "pipelines": [],
             "shadowed": [],
         },

@@ -33,6 +33,9 @@ log = structlog.get_logger("ihld")
 
 Notify = Callable[..., Coroutine[Any, Any, None]]
 
+# Errors that mean "this server does not have that model": another backend may.
+MISSING_MODEL = frozenset({"model_not_found", "model_not_allowed"})
+
 
 @dataclass
 class ModelFigures:
@@ -325,6 +328,8 @@ class Engine:
                 )
                 self._requeue(task, progress, delay=0.5, counts=False)
                 self._backend_down(task.backend or "", outcome.message)
+            elif isinstance(outcome, StageFailed) and outcome.kind in MISSING_MODEL:
+                await self._model_missing(task, progress, outcome)
             elif isinstance(outcome, StageRetry) and task.attempt < self.config.limits.max_attempts:
                 log.warning(
                     "stage_retried", kind=outcome.kind, error=outcome.message, attempt=task.attempt
@@ -351,6 +356,21 @@ class Engine:
                 self.inflight_log.finished(task.job_id, task.stage)
             self.scheduler.task_done(task)
             self.kick()
+
+    async def _model_missing(self, task: Task, progress: JobProgress, outcome: StageFailed) -> None:
+        """This server lacks the model: run the stage elsewhere if another backend may have it."""
+        orphans = self.scheduler.model_missing(task.backend or "", task.model_key)
+        if any(b.serves(task.model) for b in self.scheduler.backends.values()):
+            log.warning("model_missing", backend=task.backend, error=outcome.message)
+            self._requeue(task, progress, delay=0.0, counts=False)
+            return
+        await self.fail_job(
+            progress, task.stage, outcome.kind, outcome.message, attempts=task.attempt
+        )
+        for orphan in orphans:
+            other = self.jobs.get(orphan.job_id)
+            if other is not None:
+                await self.fail_job(other, orphan.stage, outcome.kind, outcome.message)
 
     def _requeue(self, task: Task, progress: JobProgress, *, delay: float, counts: bool) -> None:
         self.scheduler.task_done(task)  # before the retry (same key) can be dispatched
@@ -495,7 +515,7 @@ class Engine:
                 self._backend_down(action.backend, str(exc))
                 return
             log.error("model_load_failed", kind=exc.kind, error=str(exc))
-            for task in self.scheduler.drop_model(action.model_key):
+            for task in self.scheduler.model_missing(action.backend, action.model_key):
                 progress = self.jobs.get(task.job_id)
                 if progress is not None:
                     await self.fail_job(progress, task.stage, exc.kind, str(exc))

@@ -88,9 +88,10 @@ class BackendSlots:
     up: bool = True
     resident: dict[str, Resident] = field(default_factory=dict)
     inflight: int = 0  # all requests in flight on this backend
+    missing: set[str] = field(default_factory=set)  # models this server said it does not have
 
     def serves(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        return (self.models is None or model in self.models) and model not in self.missing
 
 
 @dataclass(frozen=True)
@@ -293,13 +294,16 @@ class Scheduler:
     def unloaded(self, backend: str, model_key: str) -> None:
         self.backends[backend].resident.pop(model_key, None)
 
-    def drop_model(self, model_key: str) -> list[Task]:
-        """Remove and return every queued task of a model (it does not exist anywhere)."""
-        queue = self.queues.pop(model_key, None)
-        if queue is None:
+    def model_missing(self, backend: str, model_key: str) -> list[Task]:
+        """The backend does not have this model. Returns the queued tasks no backend can serve."""
+        model = self.model_names.get(model_key, model_key)
+        self.backends[backend].missing.add(model)
+        self.backends[backend].resident.pop(model_key, None)
+        if any(b.serves(model) for b in self.backends.values()):
             return []
+        queue = self.queues.pop(model_key, None)
         tasks = []
-        while len(queue):
+        while queue is not None and len(queue):
             tasks.append(queue.pop())
         return tasks
 

@@ -30,12 +30,13 @@ class SpoolConfig(_Strict):
     settle_s: float = Field(default=0.5, ge=0)  # a file must be unchanged this long to be claimed
     rescan_s: float = Field(default=2.0, gt=0)  # periodic inbox scan (events can be lost)
     max_recoveries: int = Field(default=3, ge=1)  # recovered this often -> failed/ as poison
+    node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # shared spools
 
 
 class BackendConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     url: str = "http://127.0.0.1:11434"
-    kind: Literal["ollama"] = "ollama"
+    kind: Literal["ollama", "openai"] = "ollama"  # openai: /v1/chat/completions servers
     slots: int = Field(default=1, ge=1, le=256)  # OLLAMA_NUM_PARALLEL
     max_loaded: int = Field(default=1, ge=1, le=64)  # OLLAMA_MAX_LOADED_MODELS (that fit)
     keep_alive: float | int | str = "30m"  # sent while a model has work
@@ -43,6 +44,14 @@ class BackendConfig(_Strict):
     read_timeout_s: float = Field(default=120.0, gt=0)  # max silence between stream chunks
     retries: int = Field(default=3, ge=0)  # quick transport retries before "backend down"
     models: list[str] | None = None  # allow-list; None = any model
+    # kind "openai": the NAME of an environment variable holding a bearer token (never the token).
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+    @model_validator(mode="after")
+    def _api_key_needs_openai(self) -> BackendConfig:
+        if self.api_key_env is not None and self.kind != "openai":
+            raise ValueError('api_key_env is only used with kind = "openai"')
+        return self
 
 
 class SchedulerConfig(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -477,11 +478,30 @@ class Engine:
         self.jobs.pop(job_id, None)
         if failed:
             await self.committer.failure(job_id, record)
-        else:
-            await self.committer.result(job_id, record)
+        elif await self.committer.result(job_id, record) is None and not self._ours(record):
+            # another job with this id (from another daemon sharing the spool) got there first
+            duplicate = {
+                **record,
+                "status": "failed",
+                "error": {
+                    "stage": None,
+                    "kind": "duplicate_id",
+                    "message": f"duplicate id {job_id!r}: outbox/{job_id}.json holds another job",
+                },
+            }
+            await self.committer.failure(job_id, duplicate)
         self.spool.remove_checkpoint(job_id)  # an unlink; recovery tidies up if it is lost
         if not self.jobs:
             self._idle.set()
+
+    def _ours(self, record: dict[str, Any]) -> bool:
+        """Is the published outbox record this job's own (written before a crash)?"""
+        try:
+            existing = json.loads((self.spool.outbox / f"{record['id']}.json").read_text())
+        except (OSError, ValueError):
+            return False
+        mine = record.get("job", {}).get("source", {}).get("claim")
+        return bool(existing.get("job", {}).get("source", {}).get("claim") == mine)
 
     async def expire_deadlines(self) -> None:
         """Fail jobs whose deadline passed: the only way an outage fails a job."""

@@ -147,17 +147,22 @@ def _kind(mode: int) -> str:
 class Spool:
     """All file operations on one spool directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node: str | None = None) -> None:
         self.root = root
+        self.node = node
         self.inbox = root / "inbox"
-        self.work = root / "work"
+        # With a node name (several daemons sharing one spool, e.g. over NFS), each
+        # daemon keeps its claims, checkpoints and run files apart; the inbox,
+        # outbox and failed/ are shared, and claiming by rename decides who runs what.
+        self.work = root / "work" / node if node else root / "work"
         self.claimed = self.work / "claimed"
         self.jobs = self.work / "jobs"
         self.outbox = root / "outbox"
         self.failed = root / "failed"
         self.failed_inputs = self.failed / "inputs"
         self.log_dir = root / "log"
-        self.run_dir = root / "run"
+        self.run_dir = root / "run" / node if node else root / "run"
+        self.log_file = self.log_dir / (f"ihld-{node}.jsonl" if node else "ihld.jsonl")
         self.inflight_log = self.work / "inflight.log"
         self.clean_marker = self.run_dir / "clean-shutdown"
         self._lock_fd: int | None = None
@@ -169,6 +174,7 @@ class Spool:
         dirs = (
             self.root,
             self.inbox,
+            self.work.parent,
             self.work,
             self.claimed,
             self.jobs,
@@ -176,6 +182,7 @@ class Spool:
             self.failed,
             self.failed_inputs,
             self.log_dir,
+            self.run_dir.parent,
             self.run_dir,
         )
         for directory in dirs:
@@ -500,7 +507,10 @@ class Spool:
     def known_ids(self) -> set[str]:
         """Ids already in work/jobs, outbox/ or failed/ (for duplicate detection)."""
         ids: set[str] = set()
-        for directory in (self.jobs, self.outbox, self.failed):
+        job_dirs = [self.jobs]
+        if self.node:  # other nodes' jobs in progress count too
+            job_dirs = [d / "jobs" for d in self.work.parent.iterdir() if (d / "jobs").is_dir()]
+        for directory in (*job_dirs, self.outbox, self.failed):
             for name in os.listdir(directory):
                 if name.endswith(".json") and not name.startswith("."):
                     ids.add(name[:-5])

@@ -1,4 +1,4 @@
-"""The ``ihld`` command line: run, submit, status, validate, plugins, sim, demo, bench."""
+"""The ``ihld`` command line: run, submit, status, report, validate, plugins, sim, demo, bench."""
 
 from __future__ import annotations
 
@@ -29,69 +29,230 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run_daemon(args.config, once=args.once))
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _spool_and_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The spool (``--spool`` wins) and the config (None when ``--spool`` is given)."""
     from ihld.config import load_config
     from ihld.spool import Spool
-    from ihld.submit import SubmitError, control_request, submit_file
 
-    spool = Spool(Path(args.spool) if args.spool else load_config(args.config).spool.dir)
+    if args.spool:
+        return Spool(Path(args.spool)), None
+    config = load_config(args.config)
+    return Spool(config.spool.dir, node=config.spool.node), config
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ihld.submit import SubmitError, control_request, expected_ids, submit_file
+
+    spool, config = _spool_and_config(args)
+    max_bytes = config.limits.max_job_bytes if config is not None else 16 * 1024 * 1024
     status = 0
+    waiter = None
+    ids_of: dict[str, list[str]] = {}
+    if args.wait:
+        from ihld.submit import JobWaiter
+
+        # Before submitting: a fast daemon may finish a job before we look.
+        for name in args.files:
+            try:
+                ids_of[name] = expected_ids(Path(name).read_bytes(), Path(name).name, max_bytes)
+            except OSError:
+                ids_of[name] = []  # submit_file reports it
+        waiter = JobWaiter(spool.outbox, spool.failed, [i for v in ids_of.values() for i in v])
     for name in args.files:
         try:
             target = submit_file(Path(name), spool.inbox)
         except (SubmitError, OSError) as exc:
             print(f"ihld submit: {exc}", file=sys.stderr)
             status = 1
+            if waiter is not None:
+                waiter.forget(ids_of.get(name, []))
             continue
-        print(f"submitted {name} -> {target}")
-    asyncio.run(control_request(spool.run_dir / "ihld.sock", "POST", "/poke"))
-    return status
+        if not args.quiet:
+            print(f"submitted {name} -> {target}")
+    socket = spool.run_dir / "ihld.sock"
+    answered = asyncio.run(control_request(socket, "POST", "/poke"))
+    if waiter is None:
+        return status
+    if answered is None:
+        print(
+            f"ihld submit: no daemon answers on {socket}; waiting anyway "
+            "(the jobs run once `ihld run` starts)",
+            file=sys.stderr,
+        )
+    return max(status, _wait_for_jobs(waiter, args.timeout))
+
+
+def _wait_for_jobs(waiter: Any, timeout: float | None) -> int:
+    """Show progress until the jobs finish: 0 all done, 1 some failed, 124 timed out."""
+    import time
+
+    from ihld.status import _duration as duration
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interactive = sys.stderr.isatty()
+    timed_out = False
+
+    def line() -> str:
+        text = (
+            f"{waiter.n_done}/{waiter.total} done, {waiter.n_failed} failed, "
+            f"{waiter.rate_per_min():.1f} jobs/min"
+        )
+        if waiter.finished:
+            return text
+        eta = waiter.eta_s()
+        return f"{text}, ETA {duration(eta) if eta else '-'}"
+
+    if interactive:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        columns = (
+            TextColumn("[bold]waiting"),
+            BarColumn(bar_width=40),
+            TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("jobs", total=max(waiter.total, 1), line=line())
+            while True:
+                waiter.poll()
+                progress.update(task, completed=waiter.n_done + waiter.n_failed, line=line())
+                if waiter.finished:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.25)
+    else:
+        last_shown = ""
+        last_at = 0.0
+        while True:
+            waiter.poll()
+            text = line()
+            if waiter.finished:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out = True
+                break
+            if text.split(",")[:2] != last_shown.split(",")[:2] and now - last_at >= 2.0:
+                print(f"ihld submit: {text}", file=sys.stderr, flush=True)
+                last_shown, last_at = text, now
+            time.sleep(0.25)
+    print(f"ihld submit: {line()}" + (" (timed out)" if timed_out else ""), file=sys.stderr)
+    for detail in waiter.failure_details():
+        print(f"  failed {detail}", file=sys.stderr)
+    if timed_out:
+        return 124
+    return 1 if waiter.n_failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ihld.config import load_config
     from ihld.spool import Spool
+    from ihld.status import fallback_view, render_text, status_view
     from ihld.submit import control_request
 
-    spool = Spool(Path(args.spool) if args.spool else load_config(args.config).spool.dir)
-    snap = asyncio.run(control_request(spool.run_dir / "ihld.sock", "GET", "/status"))
-    if snap is None:
-        counts = spool.counts()
+    spool: Spool = _spool_and_config(args)[0]
+    socket = spool.run_dir / "ihld.sock"
+
+    async def fetch() -> dict[str, Any] | None:
+        return await control_request(socket, "GET", "/status")
+
+    def view(snap: dict[str, Any] | None) -> Any:
+        if snap is None:
+            return fallback_view(str(socket), spool.counts())
+        return status_view(snap)
+
+    def as_json(snap: dict[str, Any] | None, indent: int | None) -> str:
+        if snap is None:
+            return json.dumps({"daemon": "not running", "spool": spool.counts()}, indent=indent)
+        return json.dumps(snap, indent=indent)
+
+    if not args.watch:
+        snap = asyncio.run(fetch())
         if args.json:
-            print(json.dumps({"daemon": "not running", "spool": counts}))
+            print(as_json(snap, 2))
         else:
-            print(
-                f"ihld daemon is not running (no answer on {spool.run_dir / 'ihld.sock'}); "
-                "counts from the spool directories:"
-            )
-            for key, value in counts.items():
-                print(f"  {key:12} {value}")
-        return 3
-    if args.json:
-        print(json.dumps(snap, indent=2))
+            print(render_text(view(snap), width=_width()))
+        return 3 if snap is None else 0
+    return asyncio.run(_watch_status(fetch, view, as_json, args))
+
+
+def _width() -> int:
+    import shutil
+
+    return max(80, min(shutil.get_terminal_size((110, 24)).columns, 160))
+
+
+async def _watch_status(fetch: Any, view: Any, as_json: Any, args: argparse.Namespace) -> int:
+    """``--watch``: rich Live in place on a terminal; ANSI home+clear frames otherwise."""
+    from ihld.status import render_text
+
+    frames = 0
+    snap = None
+    try:
+        if args.json:  # JSON Lines, one snapshot per interval
+            while args.count is None or frames < args.count:
+                snap = await fetch()
+                print(as_json(snap, None), flush=True)
+                frames += 1
+                if args.count is None or frames < args.count:
+                    await asyncio.sleep(args.interval)
+        elif sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console()
+            snap = await fetch()
+            frames = 1
+            with Live(view(snap), console=console, auto_refresh=False) as live:
+                while args.count is None or frames < args.count:
+                    await asyncio.sleep(args.interval)
+                    snap = await fetch()
+                    live.update(view(snap), refresh=True)
+                    frames += 1
+        else:
+            while args.count is None or frames < args.count:
+                snap = await fetch()
+                text = render_text(view(snap), width=_width())
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+                sys.stdout.flush()
+                frames += 1
+                if args.count is None or frames < args.count:
+                    await asyncio.sleep(args.interval)
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
-    print(render_status(snap))
-    return 0
+    return 3 if snap is None else 0
 
 
 def render_status(snap: dict[str, Any]) -> str:
-    from ihld.status import summary_line
+    """The human view of a ``/status`` snapshot as plain text."""
+    from ihld.status import render_text, status_view
 
-    lines = [f"ihld: {summary_line(snap)}  (policy {snap['policy']}, loads {snap['loads']})"]
-    lines.append(f"  {'model':32} {'ready':>7} {'in flight':>9} {'done':>7} {'stage s':>8}")
-    for model, row in sorted(snap["models"].items()):
-        stage_s = f"{row['stage_s']:.2f}" if "stage_s" in row else "-"
-        lines.append(
-            f"  {model:32} {row['ready']:7} {row['in_flight']:9} {row['done']:7} {stage_s:>8}"
-        )
-    for name, backend in snap["backends"].items():
-        state = "up" if backend["up"] else f"DOWN ({backend['down_reason']})"
-        resident = ", ".join(f"{m} ({s})" for m, s in backend["resident"].items()) or "none"
-        lines.append(f"  backend {name}: {state}; resident: {resident}")
-    spool = snap.get("spool", {})
-    if spool:
-        lines.append("  spool: " + ", ".join(f"{k} {v}" for k, v in spool.items()))
-    return "\n".join(lines)
+    return render_text(status_view(snap))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ihld.report import parse_when, summary, write_report
+
+    log = Path(args.log) if args.log else _spool_and_config(args)[0].log_file
+    try:
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"ihld report: {exc}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    try:
+        run = write_report(log, output, since=since, until=until)
+    except FileNotFoundError:
+        print(f"ihld report: no event log at {log} (use --log FILE)", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
+    for text in summary(run):
+        print(text)
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -140,6 +301,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(jobs=args.jobs, speed=args.speed))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ihld.bench import POLICIES, BenchOptions, run_bench
+    from ihld.bench.workloads import BUILDERS
+    from ihld.logs import configure_logging
+
+    workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    for name in workloads:
+        if name not in BUILDERS:
+            print(f"ihld bench: unknown workload {name!r}; known: {', '.join(BUILDERS)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    for policy in policies:
+        if policy not in POLICIES:
+            print(f"ihld bench: unknown policy {policy!r}; known: {', '.join(POLICIES)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    if args.jobs is not None and args.jobs < 1:
+        print("ihld bench: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    if not args.speed > 0:
+        print("ihld bench: --speed must be > 0", file=sys.stderr)
+        return 2
+    configure_logging("warning", stderr=True)  # plugin loading for the cost model stays quiet
+    opts = BenchOptions(
+        speed=args.speed,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        keep=args.keep,
+        workdir=Path(args.workdir) if args.workdir else None,
+        cprofile=args.cprofile,
+    )
+    return run_bench(workloads, policies, opts, jobs=args.jobs, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ihld", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ihld {__version__}")
@@ -155,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="copy job files into the inbox atomically")
     _config_arg(submit)
     submit.add_argument("--spool", help="spool directory (instead of the config's)")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="show progress until the submitted jobs finish; exit 1 if any failed",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --wait: give up after this long (exit 124)",
+    )
+    submit.add_argument("--quiet", "-q", action="store_true", help="no line per submitted file")
     submit.add_argument("files", nargs="+", metavar="FILE")
     submit.set_defaults(func=cmd_submit)
 
@@ -162,7 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--spool", help="spool directory (instead of the config's)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", "-w", action="store_true", help="refresh in place until ^C")
+    status.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="--watch refresh period"
+    )
+    status.add_argument("--count", type=int, metavar="N", help="--watch: stop after N refreshes")
     status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="an HTML timeline and summary of a run's event log")
+    _config_arg(report)
+    report.add_argument("--spool", help="spool directory (instead of the config's)")
+    report.add_argument("--log", metavar="FILE", help="event log (default: <spool>/log/ihld.jsonl)")
+    report.add_argument(
+        "--since", metavar="TIME", help="window start: ISO 8601 (UTC), epoch seconds, or 30m/2h ago"
+    )
+    report.add_argument("--until", metavar="TIME", help="window end (same forms)")
+    report.add_argument(
+        "--output", "-o", default="ihld-report.html", metavar="FILE", help="the HTML file to write"
+    )
+    report.set_defaults(func=cmd_report)
 
     validate = sub.add_parser("validate", help="check job files without submitting them")
     _config_arg(validate)
@@ -189,6 +415,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=40)
     demo.add_argument("--speed", type=float, default=100.0)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench", help="workloads on the simulator: each policy against a lower bound"
+    )
+    bench.add_argument(
+        "--workload",
+        default="seed",
+        help="comma-separated: seed, seed-4slot, three-models, stream, urgent, overhead "
+        "(default: seed)",
+    )
+    bench.add_argument("--policy", default="fifo,affinity", help="comma-separated policies")
+    bench.add_argument(
+        "--speed", type=float, default=200.0, help="simulator speed factor (default 200)"
+    )
+    bench.add_argument("--jobs", type=int, help="scale each workload down to N jobs")
+    bench.add_argument("--seed", type=int, default=0, help="stream arrivals and priorities")
+    bench.add_argument("--json", action="store_true", help="a JSON list, one object per run")
+    bench.add_argument("--timeout", type=float, default=3600.0, help="real seconds allowed per run")
+    bench.add_argument("--keep", action="store_true", help="keep each run's spool and logs")
+    bench.add_argument("--workdir", help="where run directories go (default: temp dir)")
+    bench.add_argument(
+        "--cprofile", action="store_true", help="run the daemon under cProfile (kept run dir)"
+    )
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

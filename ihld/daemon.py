@@ -39,16 +39,19 @@ import structlog
 from ihld import logs
 from ihld.backends.base import Backend
 from ihld.backends.ollama import OllamaBackend, make_session
+from ihld.backends.openai import OpenAIBackend
 from ihld.config import Config, load_config
 from ihld.control import start_control
 from ihld.engine import Engine
 from ihld.errors import ConfigError, PluginError
 from ihld.intake import Intake, IntakeResult, Resolver
 from ihld.jobs import Job, JobSpec
+from ihld.metrics import Metrics
+from ihld.openai_batch import BatchTracker
 from ihld.plugins import PluginHost, load_plugins
 from ihld.progress import JobProgress
 from ihld.spool import InflightLog, Spool
-from ihld.status import snapshot, summary_line
+from ihld.status import PsCache, snapshot, summary_line
 from ihld.systemd import Notifier, watchdog_loop
 from ihld.watcher import InboxWatcher
 
@@ -81,10 +84,12 @@ class Daemon:
     spool: Spool = field(init=False)
     engine: Engine = field(init=False)
     intake: Intake = field(init=False)
+    batches: BatchTracker = field(init=False)
     watcher: InboxWatcher = field(init=False)
     notifier: Notifier = field(default_factory=Notifier.from_env)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reload: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: Metrics = field(default_factory=Metrics)  # fed by the event log (issue 5)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _intake_busy: bool = False
     _intake_paused_until: float = 0.0
@@ -95,7 +100,7 @@ class Daemon:
     async def run(self) -> int:
         logs.configure_logging("info", stderr=True)
         self.config = load_config(self.config_path)
-        self.spool = Spool(self.config.spool.dir)
+        self.spool = Spool(self.config.spool.dir, node=self.config.spool.node)
         self.spool.prepare()
         self.spool.lock()
         async with contextlib.AsyncExitStack() as stack:
@@ -118,6 +123,7 @@ class Daemon:
                 notify=self._notify,
                 inflight_log=inflight_log,
             )
+            self.batches = BatchTracker(self.spool)
             self.intake = Intake(
                 self.spool,
                 make_resolver(self.host),
@@ -130,11 +136,23 @@ class Daemon:
             self.watcher = InboxWatcher(
                 self.spool, settle_s=self.config.spool.settle_s, rescan_s=self.config.spool.rescan_s
             )
-            if self.config.control.socket:
-                runner = await start_control(
-                    self.spool.run_dir / "ihld.sock", self.snapshot, self.watcher.poke
+            # -- observability (issue 5): /status, /metrics, optional TCP listener --
+            self.metrics.state = self.snapshot
+            control = self.config.control
+            if control.socket or control.listen:
+                server = await start_control(
+                    self.spool.run_dir / "ihld.sock" if control.socket else None,
+                    self.snapshot,
+                    self.watcher.poke,
+                    metrics=self.metrics,
+                    ps=PsCache(
+                        self.engine.backends,
+                        lambda: self.engine.down,
+                        lambda: bool(self.engine.jobs),
+                    ),
+                    listen=control.listen,
                 )
-                stack.push_async_callback(runner.cleanup)
+                stack.push_async_callback(server.cleanup)
             self._install_signals(stack)
             log.info(
                 "daemon_ready",
@@ -143,6 +161,7 @@ class Daemon:
                 policy=self.config.scheduler.policy,
                 config=str(self.config.source),
                 backends=[b.url for b in self.config.backends],
+                slots={b.name: b.slots for b in self.config.backends},  # for `ihld report`
             )
             self.notifier.ready(status=f"ready, {recovered} jobs recovered")
             await self._serve()
@@ -159,12 +178,18 @@ class Daemon:
     def _configure_logs(self, config: Config) -> None:
         logs.configure_logging(
             config.log.level,
-            log_file=logs.log_path(config.spool.dir) if config.log.file else None,
+            log_file=self.spool.log_file if config.log.file else None,
             stderr=config.log.stderr,
+            listeners=[self.metrics.observe],  # metrics derive from the events (issue 5)
         )
 
     def _backends(self, session: aiohttp.ClientSession) -> dict[str, Backend]:
-        return {b.name: OllamaBackend(b, session) for b in self.config.backends}
+        """One client per configured server, by kind (Ollama, or OpenAI-compatible)."""
+        clients: dict[str, Backend] = {}
+        for b in self.config.backends:
+            kind = OpenAIBackend if b.kind == "openai" else OllamaBackend
+            clients[b.name] = kind(b, session)
+        return clients
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -175,7 +200,24 @@ class Daemon:
         stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
     async def _notify(self, hook: str, **kwargs: Any) -> None:
+        if hook in ("job_finished", "job_failed"):
+            job_id = kwargs["job"].id if hook == "job_finished" else kwargs["job_id"]
+            await self._batch_job_ended(job_id)
         await self.host.notify(hook, **kwargs)
+
+    async def _batch_job_ended(self, job_id: str) -> None:
+        name = self.batches.job_ended(job_id)
+        if name is not None:
+            await self._assemble_batch(name)
+
+    async def _assemble_batch(self, name: str) -> None:
+        """Write an OpenAI batch's output and error files once all its lines ended."""
+        try:
+            out, err = await asyncio.to_thread(self.batches.assemble, name)
+        except OSError as exc:
+            log.error("batch_output_failed", batch=name, error=str(exc))
+            return
+        log.info("batch_finished", batch=name, output=str(out), errors=str(err))
 
     def snapshot(self) -> dict[str, Any]:
         snap = snapshot(self.engine, self.spool.counts())
@@ -211,6 +253,8 @@ class Daemon:
         self._seq = itertools.count(max((p.seq for p in progresses), default=-1) + 1)
         for progress in progresses:
             self.engine.add_job(progress)
+        for name in self.batches.load_all():
+            await self._assemble_batch(name)
         for path in self.spool.claimed_files():
             result = await asyncio.to_thread(self.intake.process, path)
             self._admit(result)
@@ -317,6 +361,10 @@ class Daemon:
     def _admit(self, result: IntakeResult | None) -> None:
         if result is None:
             return
+        if result.batch_manifest is not None:
+            complete = self.batches.register(result.batch_manifest)
+            if complete is not None:
+                self.engine.observe_task(self._assemble_batch(complete))
         for progress in result.accepted:
             log.info(
                 "job_claimed",
@@ -392,6 +440,7 @@ class Daemon:
         self.host = host
         self.engine.config = config
         self.engine.scheduler.max_wait_s = config.scheduler.max_wait_s
+        self.engine.scheduler.fair_wait_s = config.scheduler.fair_wait_s
         self.intake.resolver = make_resolver(host)
         self.intake.max_bytes = config.limits.max_job_bytes
         self.intake.deadline_s = config.limits.job_deadline_s

@@ -4,8 +4,29 @@
 that exact step, so a test can prove recovery at every step of claim,
 checkpoint and publish. Actions: ``sigkill`` (the process dies as in a power
 cut of the process), ``raise`` (an OSError, as a failing disk would),
-``enospc`` (OSError ENOSPC). ``name:sigkill@3`` fires on the third hit only.
+``enospc`` (OSError ENOSPC), ``hang`` (the calling thread blocks for ever: at
+``watcher.scan`` that is the event loop, which is how the systemd watchdog is
+tested). ``name:sigkill@3`` fires on the third hit only.
 Unset, a fail point costs one dict lookup.
+
+The points, in the order a job meets them:
+
+==========================  ==============================================================
+``claim.before_rename``     an inbox file is about to be renamed into ``work/claimed``
+``claim.after_rename``      ... renamed, the directory not yet fsynced
+``intake.after_job_saved``  the claimed file's jobs are checkpointed in ``work/jobs``
+``intake.before_release``   ... and the claimed file is about to be deleted
+``reject.before_move``      a symlink/dir/FIFO/socket's error record is written, the entry
+                            not yet moved to ``failed/inputs``
+``checkpoint.before_publish``  checkpoint data is on disk, not yet renamed into place
+``checkpoint.after_publish``   ... renamed, the directory not yet fsynced
+``checkpoint.after_remove``    a finished job's checkpoint was just deleted
+``result.before_publish``   a result's data is on disk, not yet linked into ``outbox/``
+``result.after_publish``    ... linked; its checkpoint still exists
+``failure.before_publish``  the same for an error record in ``failed/`` (a failed job or a
+``failure.after_publish``   rejected file or line)
+``watcher.scan``            the event loop, after each inbox scan (for ``hang``)
+==========================  ==============================================================
 """
 
 from __future__ import annotations
@@ -13,6 +34,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+
+ACTIONS = ("sigkill", "raise", "enospc", "hang")
 
 _points: dict[str, tuple[str, int]] = {}
 _hits: dict[str, int] = {}
@@ -26,7 +50,7 @@ def configure(spec: str | None = None) -> None:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, action = item.partition(":")
         action, _, nth = action.partition("@")
-        if action not in ("sigkill", "raise", "enospc"):
+        if action not in ACTIONS:
             raise ValueError(f"IHLD_FAILPOINTS: unknown action {action!r} for {name!r}")
         _points[name] = (action, int(nth or 1))
 
@@ -41,6 +65,9 @@ def hit(name: str) -> None:
         return
     if action == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        while True:  # no way out: only a signal (the watchdog's SIGABRT) ends it
+            time.sleep(3600)
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (failpoint {name})")
     raise OSError(errno.EIO, f"Input/output error (failpoint {name})")

@@ -31,6 +31,7 @@ class IntakeResult:
     accepted: list[JobProgress] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # the error records
     batch_manifest: dict[str, Any] | None = None  # an OpenAI batch file's lines
+    keep_input: bool = False  # an entry was rejected: keep the file under failed/inputs
 
 
 def rejection(
@@ -180,7 +181,10 @@ class Intake:
         self.known_ids.update(p.job.id for p in result.accepted)
         failpoints.hit("intake.after_job_saved")
         failpoints.hit("intake.before_release")
-        self.spool.done_with_claimed(path)
+        if result.keep_input:  # some line was rejected: its bytes stay, whatever their size
+            self.spool.reject_claimed(path)
+        else:
+            self.spool.done_with_claimed(path)
         return result
 
     def _batch_manifest(self, path: Path, batch: str, entries: list[Entry]) -> dict[str, Any]:
@@ -230,8 +234,10 @@ class Intake:
                 f"duplicate id {job_id!r} in this file", kind="duplicate_id", path="id"
             )
         if error is None and job_id in self.known_ids:
-            if self._already_recorded(job_id, path.name, entry.line):
+            found = self._already_recorded(job_id, path.name, entry.line)
+            if found:
                 in_file.add(job_id)
+                result.keep_input |= found == "failed"
                 return
             error = JobError(
                 f"duplicate id {job_id!r}: a job with this id was already submitted",
@@ -248,11 +254,13 @@ class Intake:
         in_file.add(job_id)
         if error is not None or job is None:
             assert error is not None
+            result.keep_input = True
+            kept = self.spool.failed_inputs / path.name
             record = rejection(
                 job_id,
                 error.kind,
                 str(error),
-                where,
+                {**where, "kept_as": str(kept.relative_to(self.spool.root))},
                 field=error.path or None,
                 raw=entry.raw or None,
             )
@@ -274,22 +282,25 @@ class Intake:
         # replay of this file into "duplicate id" rejections)
         result.accepted.append(progress)  # checkpointed in one batch at the end of the file
 
-    def _already_recorded(self, job_id: str, claim: str, line: int | None) -> bool:
-        """True if a record for ``job_id`` came from this very claim and line (crash replay)."""
+    def _already_recorded(self, job_id: str, claim: str, line: int | None) -> str | None:
+        """Where a record for ``job_id`` from this very claim and line is (crash replay).
+
+        ``"jobs"``, ``"failed"`` or ``"outbox"``; None if there is none.
+        """
         paths = [
-            self.spool.jobs / f"{job_id}.json",
-            *self._failure_records(job_id),
-            self.spool.outbox / f"{job_id}.json",
+            ("jobs", self.spool.jobs / f"{job_id}.json"),
+            *(("failed", p) for p in self._failure_records(job_id)),
+            ("outbox", self.spool.outbox / f"{job_id}.json"),
         ]
-        for path in paths:
+        for where, path in paths:
             try:
                 record = jsonsafe.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
             src = record.get("source") or (record.get("job") or {}).get("source") or {}
             if src.get("claim") == claim and src.get("line") == line:
-                return True
-        return False
+                return where
+        return None
 
 
 def display_name(name: str) -> str:

@@ -10,9 +10,11 @@ message that says what and where.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 MAX_DEPTH = 64
+MAX_INT_DIGITS = 4300  # CPython's own int/str conversion limit
 
 
 class StrictJSONError(ValueError):
@@ -25,6 +27,22 @@ class StrictJSONError(ValueError):
 
 def _reject_constant(name: str) -> Any:
     raise StrictJSONError(f"{name} is not valid JSON (numbers must be finite)", "invalid_json")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 overflows to inf, which no result file may hold
+        raise StrictJSONError(f"number {text[:40]} is out of range (not finite)", "invalid_json")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise StrictJSONError(
+            f"integer of {len(text.lstrip('-'))} digits is longer than {MAX_INT_DIGITS}",
+            "invalid_json",
+        )
+    return int(text)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -107,7 +125,13 @@ def loads(text: str) -> Any:
     if _quick_depth(text) > MAX_DEPTH:
         raise StrictJSONError(f"nesting deeper than {MAX_DEPTH} levels", "invalid_json")
     try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+            object_pairs_hook=_no_duplicates,
+        )
     except StrictJSONError:
         raise
     except json.JSONDecodeError as exc:
@@ -116,6 +140,8 @@ def loads(text: str) -> Any:
         ) from None
     except RecursionError:
         raise StrictJSONError("nesting too deep", "invalid_json") from None
+    except ValueError as exc:  # anything else the parser refuses is malformed input, not a bug
+        raise StrictJSONError(f"malformed JSON: {exc}", "invalid_json") from None
     _check(value, 0, "$")
     return value
 

@@ -28,6 +28,11 @@ Why it is built this way:
   names, say) are written as ``\\udcxx`` escapes, not a UnicodeEncodeError;
   unserialisable values fall back to ``repr``; a full disk or closed stderr
   is reported once and the daemon keeps running.
+* **Listeners see every event.** ``configure_logging(listeners=[...])``
+  feeds each event dict (context merged, before level filtering) to the
+  given callables, so metrics are derived from the same events the log
+  records and the code that logs needs no separate metrics calls. A
+  listener that raises is reported once on stderr and never breaks logging.
 * **The log file is durable input.** Reports and timelines read it back with
   :func:`read_events`; each line is a single ``O_APPEND`` write, so a crash
   can tear at most the last line, which the reader skips.
@@ -41,7 +46,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path, PurePath
@@ -52,6 +57,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "LOG_FILE",
+    "Listener",
     "close_logging",
     "configure_logging",
     "log_path",
@@ -89,6 +95,9 @@ _PRIORITY_PREFIX: dict[str, bytes] = {
 _CONTEXT_KEYS = ("job_id", "stage", "model", "backend")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FILE_MODE = 0o640  # group ihld may read the event log (reports); nobody else
+
+# A listener gets (level method name, event dict with the context merged).
+Listener = Callable[[str, Mapping[str, Any]], None]
 
 
 def log_path(spool_dir: Path) -> Path:
@@ -231,6 +240,45 @@ class _LevelFilter:
         return event_dict
 
 
+class _Tap:
+    """First processor: hands every event, before level filtering, to the listeners.
+
+    The listeners get a copy with the bound context (``job_id``, ``model`` …)
+    merged, the way ``merge_contextvars`` would, so they may keep it. With no
+    listeners this costs one attribute read per event.
+    """
+
+    def __init__(self) -> None:
+        self.listeners: tuple[Listener, ...] = ()
+        self._failed: set[int] = set()
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        listeners = self.listeners
+        if listeners:
+            event = {**structlog.contextvars.get_contextvars(), **event_dict}
+            for listener in listeners:
+                try:
+                    listener(method_name, event)
+                except Exception as exc:
+                    self._report(listener, exc)
+        return event_dict
+
+    def _report(self, listener: Listener, exc: Exception) -> None:
+        """The first failure of each listener goes to stderr, once; logging goes on."""
+        if id(listener) in self._failed:
+            return
+        self._failed.add(id(listener))
+        notice = {
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "level": "error",
+            "event": "log_listener_failed",
+            "listener": repr(listener),
+            "error": _describe(exc),
+        }
+        with contextlib.suppress(Exception):
+            _write_all(2, _dumps(notice))
+
+
 # -- output ------------------------------------------------------------------
 
 
@@ -349,6 +397,7 @@ class _TeeLogger:
 _LOCK = threading.RLock()
 _OUTPUT = _TeeLogger()
 _LEVEL = _LevelFilter()
+_TAP = _Tap()
 _PROCESSORS: list[Processor] = []
 
 
@@ -369,7 +418,11 @@ def _open_log_file(path: Path) -> int:
 
 
 def configure_logging(
-    level: str = "info", *, log_file: Path | None = None, stderr: bool = True
+    level: str = "info",
+    *,
+    log_file: Path | None = None,
+    stderr: bool = True,
+    listeners: Sequence[Listener] = (),
 ) -> None:
     """Set up (or change) structured logging; safe to call again on reload.
 
@@ -377,6 +430,9 @@ def configure_logging(
     permissions) raises ``OSError`` and leaves the current setup working —
     a reload keeps its old log. The previous file is closed afterwards,
     which also makes SIGHUP the way to reopen a rotated log.
+
+    ``listeners`` replace the previous ones: each is called with every event
+    (any level) as ``listener(method_name, event_dict)``.
     """
     key = level.lower()
     if key not in _LEVEL_NUMBERS or key in {"msg", "warn", "exception", "fatal"}:
@@ -393,8 +449,10 @@ def configure_logging(
             file_path=log_file,
         )
         _LEVEL.threshold = _LEVEL_NUMBERS[key]
+        _TAP.listeners = tuple(listeners)
         # In place: cached loggers (and capture_logs) hold this very list.
         _PROCESSORS[:] = [
+            _TAP,
             _LEVEL,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import structlog
 from watchfiles import awatch
 
-from ihld import jsonsafe
+from ihld import failpoints, jsonsafe
 from ihld.spool import InboxFile, Spool, is_candidate
 
 log = structlog.get_logger("ihld.watcher")
@@ -121,6 +121,9 @@ class InboxWatcher:
             self._seen.pop(entry.name, None)
         return Ready(files, rejects)
 
+    def _scan(self) -> Ready:
+        return self.classify(self.spool.scan_inbox(), time.monotonic())
+
     def _next_settle(self, now: float) -> float:
         if not self._seen:
             return self.rescan_s
@@ -133,9 +136,9 @@ class InboxWatcher:
         try:
             while not stop.is_set():
                 self._wake.clear()
-                entries = await asyncio.to_thread(self.spool.scan_inbox)
+                ready = await asyncio.to_thread(self._scan)  # blocking reads off the loop
                 self.scans += 1
-                ready = self.classify(entries, time.monotonic())
+                failpoints.hit("watcher.scan")  # on the event loop: `hang` here hangs the daemon
                 if ready.files or ready.rejects:
                     yield ready
                 timeout = self._next_settle(time.monotonic())

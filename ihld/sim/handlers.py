@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ class SimState:
 
 
 STATE: web.AppKey[SimState] = web.AppKey("ihld_sim_state", SimState)
+# Builds the reply object of one call: _Reply (Ollama's NDJSON) or a subclass.
+ReplyFactory = Callable[[web.Request, CompletionCall, RequestRecord], "_Reply"]
 
 
 def dumps(obj: Any) -> str:
@@ -218,15 +221,23 @@ async def _serve(
     call: CompletionCall,
     rec: RequestRecord,
     started: float,
+    *,
+    fail: Callable[[RequestRecord, int, str], web.Response] = _fail,
+    make_reply: ReplyFactory | None = None,
 ) -> web.StreamResponse:
+    """Serve a parsed call; ``fail`` and ``make_reply`` shape errors and replies.
+
+    The defaults speak Ollama's format; the OpenAI endpoints (openai_api.py)
+    pass their own, so both share the engine, the cost model and the faults.
+    """
     spec = state.profile.spec(call.model)
     if spec is None:
-        return _fail(rec, 404, f'model "{call.model}" not found, try pulling it first')
+        return fail(rec, 404, f'model "{call.model}" not found, try pulling it first')
     if call.kind == "unload":
         state.engine.expire(spec.name)
         return await _send_whole(request, rec, lifecycle_object(call, "unload"), "unload")
     if _wants_thinking(call.think) and not spec.thinking:
-        return _fail(rec, 400, f'"{call.model}" does not support thinking')
+        return fail(rec, 400, f'"{call.model}" does not support thinking')
     options, num_ctx = call.runner_options(state.profile)
 
     fault = state.faults.pick() if call.kind == "chat" else None
@@ -234,9 +245,9 @@ async def _serve(
         rec.fault = fault.kind
         state.stats.note_fault(fault.kind)
         if fault.kind == "500":
-            return _fail(rec, 500, ERR_500)
+            return fail(rec, 500, ERR_500)
         if fault.kind == "503":
-            return _fail(rec, 503, ERR_MAX_QUEUE)
+            return fail(rec, 503, ERR_MAX_QUEUE)
         if fault.kind == "drop" and fault.early:
             return _drop(request, None)
         if fault.kind == "hang" and not await _hang(state):
@@ -245,12 +256,13 @@ async def _serve(
     try:
         runner = await state.engine.acquire(spec, options, num_ctx, call.keep_alive)
     except QueueFull as exc:
-        return _fail(rec, 503, str(exc))
+        return fail(rec, 503, str(exc))
     try:
         loaded = time.monotonic()
         if call.kind == "load":
             return await _send_whole(request, rec, lifecycle_object(call, "load"), "load")
-        return await _run(request, state, call, rec, runner, started, loaded, fault)
+        reply = (make_reply or _Reply)(request, call, rec)
+        return await _run(request, state, call, rec, runner, started, loaded, fault, reply)
     finally:
         state.engine.release(runner)
 
@@ -291,7 +303,10 @@ async def _send_whole(
 
 
 class _Reply:
-    """The response under construction: NDJSON lines, or one object at the end."""
+    """The response under construction: NDJSON lines, or one object at the end.
+
+    The OpenAI endpoints subclass it (SSE events, ``chat.completion`` objects).
+    """
 
     def __init__(self, request: web.Request, call: CompletionCall, rec: RequestRecord) -> None:
         self.request = request
@@ -357,6 +372,7 @@ async def _run(
     started: float,
     loaded: float,
     fault: FaultChoice | None,
+    reply: _Reply,
 ) -> web.StreamResponse:
     spec = runner.spec
     speed = state.speed
@@ -370,7 +386,6 @@ async def _run(
         fault.kind == "midstream" or (fault.kind == "drop" and not fault.early)
     )
     limit = max(1, len(tokens) // 2) if broken else len(tokens)
-    reply = _Reply(request, call, rec)
 
     async def emit(start: int, end: int) -> None:
         await reply.chunk("".join(tokens[start:end]))

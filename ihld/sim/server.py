@@ -19,7 +19,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from ihld.sim import handlers
+from ihld.sim import handlers, openai_api
 from ihld.sim.engine import Engine
 from ihld.sim.faults import FaultPicker, Faults
 from ihld.sim.handlers import STATE, SimState
@@ -89,6 +89,8 @@ def build_app(
     app.router.add_post("/api/show", handlers.show)
     app.router.add_post("/api/chat", handlers.chat)
     app.router.add_post("/api/generate", handlers.generate)
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_get("/v1/models", openai_api.models)
     app.router.add_get("/sim/stats", handlers.sim_stats)
     app.router.add_get("/sim/requests", handlers.sim_requests)
     app.router.add_post("/sim/reset", handlers.sim_reset)

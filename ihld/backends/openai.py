@@ -1,0 +1,720 @@
+"""The OpenAI-compatible client: vLLM, llama.cpp's llama-server, llama-swap, LM Studio.
+
+One ``OpenAIBackend`` per ``kind = "openai"`` server, over the daemon's one
+session, shaped like ``ollama.OllamaBackend`` (same retries, backoff and
+error classes). What it relies on:
+
+* ``POST /v1/chat/completions`` with ``stream: true`` answers Server-Sent
+  Events: ``data: {chat.completion.chunk}`` lines (text in
+  ``choices[0].delta.content``, ``finish_reason`` on the last choice chunk),
+  then ``data: [DONE]``. ``stream_options.include_usage`` adds a last chunk
+  with ``usage`` and empty ``choices``. llama-server also adds a ``timings``
+  object (milliseconds). A stream that ends without ``[DONE]`` is cut.
+* Errors before output have a real status and an OpenAI error body
+  ``{"error": {"message", "type", "param", "code"}}``; llama-swap sends
+  ``{"error": "text"}``, older vLLM ``{"object": "error", "message", ...}``.
+  After output started, an error is an event: ``data: {"error": {...}}``
+  (OpenAI, vLLM) or llama-server's non-standard ``error: {...}`` line.
+* ``GET /v1/models`` lists the served models: ``{"object": "list", "data":
+  [{"id", "object": "model", "created", "owned_by"}]}``.
+
+None of these servers lets a client load or unload a model, so ``load`` only
+checks that the model is listed and ``unload`` does nothing; ``keep_alive``
+is not sent. docs/backends.md has the option mapping and the figures kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+
+from ihld.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    BadRequest,
+    ChatRequest,
+    ChatResult,
+    KeepAlive,
+    LoadResult,
+    ModelNotFound,
+    StreamBroken,
+)
+from ihld.backends.ollama import (
+    _BAD_URL_ERRORS,
+    DEFAULT_MAX_LINE_BYTES,
+    TASK_HEADER,
+    ModelNotAllowed,
+    NdjsonLines,
+    ProtocolError,
+    _read_capped,
+    backoff_delay,
+)
+from ihld.config import BackendConfig
+from ihld.errors import ConfigError
+
+__all__ = [
+    "OPTION_MAP",
+    "OpenAIBackend",
+    "openai_metrics",
+    "request_body",
+]
+
+log = structlog.get_logger("ihld.backends.openai")
+
+T = TypeVar("T")
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+# The name a JSON-schema ``format`` gets in ``response_format.json_schema``.
+SCHEMA_NAME = "stage"
+_ERROR_BODY_BYTES = 64 * 1024
+
+# Ollama option -> request field(s). Standard OpenAI parameters first; the rest
+# are documented extensions: top_k (vLLM, llama-server, LM Studio), min_p (vLLM,
+# llama-server), repeat_penalty (llama-server, LM Studio; vLLM names it
+# repetition_penalty and ignores unknown fields, so both are sent), and
+# llama-server's own samplers. Servers that do not know an extension ignore it.
+OPTION_MAP: dict[str, tuple[str, ...]] = {
+    "temperature": ("temperature",),
+    "top_p": ("top_p",),
+    "seed": ("seed",),
+    "num_predict": ("max_tokens",),
+    "stop": ("stop",),
+    "presence_penalty": ("presence_penalty",),
+    "frequency_penalty": ("frequency_penalty",),
+    "top_k": ("top_k",),
+    "min_p": ("min_p",),
+    "repeat_penalty": ("repeat_penalty", "repetition_penalty"),
+    "typical_p": ("typical_p",),
+    "repeat_last_n": ("repeat_last_n",),
+    "mirostat": ("mirostat",),
+    "mirostat_tau": ("mirostat_tau",),
+    "mirostat_eta": ("mirostat_eta",),
+    "num_keep": ("n_keep",),
+}
+# Ollama options fixed when its runner starts; an OpenAI server fixes them on its
+# command line (--max-model-len, -c, -ngl ...), so they are dropped without a warning.
+SERVER_OPTIONS = frozenset(
+    {
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_thread",
+        "use_mmap",
+        "use_mlock",
+        "numa",
+        "low_vram",
+        "draft_num_predict",
+    }
+)
+
+
+def _as_int(value: Any) -> int | None:
+    """An integral JSON number as int; anything else (bool, str, 1.5, None) as None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _ms_to_ns(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return round(value * 1_000_000)
+
+
+def _flatten_ints(prefix: str, obj: Mapping[str, Any], out: dict[str, int]) -> None:
+    """``usage`` as flat integer metrics: ``usage_prompt_tokens``, ``usage_x_details_y``."""
+    for key, value in obj.items():
+        name = f"{prefix}_{key}"
+        if isinstance(value, Mapping):
+            _flatten_ints(name, value, out)
+        elif (number := _as_int(value)) is not None:
+            out[name] = number
+
+
+def openai_metrics(usage: Any, timings: Any) -> dict[str, int]:
+    """ChatResult.metrics from an OpenAI ``usage`` and a llama-server ``timings`` object.
+
+    Under Ollama's names where they map: ``prompt_eval_count`` =
+    ``usage.prompt_tokens``, ``eval_count`` = ``usage.completion_tokens``,
+    ``prompt_eval_duration`` / ``eval_duration`` = ``timings.prompt_ms`` /
+    ``predicted_ms`` in nanoseconds. Without ``usage`` the counts come from
+    ``timings`` (``prompt_n + cache_n``, ``predicted_n``). The raw integers are
+    kept too, as ``usage_*`` and ``timings_*_n``. A figure the server did not send
+    is left out (not 0): vLLM and LM Studio send no durations.
+    """
+    out: dict[str, int] = {}
+    if isinstance(usage, Mapping):
+        if (prompt := _as_int(usage.get("prompt_tokens"))) is not None:
+            out["prompt_eval_count"] = prompt
+        if (completion := _as_int(usage.get("completion_tokens"))) is not None:
+            out["eval_count"] = completion
+        _flatten_ints("usage", usage, out)
+    if isinstance(timings, Mapping):
+        if (ns := _ms_to_ns(timings.get("prompt_ms"))) is not None:
+            out["prompt_eval_duration"] = ns
+        if (ns := _ms_to_ns(timings.get("predicted_ms"))) is not None:
+            out["eval_duration"] = ns
+        prompt_n = _as_int(timings.get("prompt_n"))
+        if "prompt_eval_count" not in out and prompt_n is not None:
+            out["prompt_eval_count"] = prompt_n + (_as_int(timings.get("cache_n")) or 0)
+        predicted_n = _as_int(timings.get("predicted_n"))
+        if "eval_count" not in out and predicted_n is not None:
+            out["eval_count"] = predicted_n
+        for key, value in timings.items():  # the counts (cache_n, prompt_n, ...), not the ms
+            if key.endswith("_n") and (number := _as_int(value)) is not None:
+                out[f"timings_{key}"] = number
+    return out
+
+
+def response_format(fmt: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A stage's ``format`` as ``response_format``: "json" -> json_object, schema -> json_schema."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, Mapping):
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "schema": dict(fmt), "strict": True},
+        }
+    raise ValueError(f'format must be "json" or a JSON schema object, got {fmt!r}')
+
+
+def request_body(
+    request: ChatRequest, *, stream: bool, dropped: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """The /v1/chat/completions body for ``request``; ``dropped(name)`` hears of unmapped options.
+
+    ``num_predict`` <= 0 (Ollama: no limit) sends no ``max_tokens``. ``think``
+    becomes ``chat_template_kwargs.enable_thinking`` (vLLM and llama-server;
+    it only matters to chat templates that read it, e.g. Qwen3). Raises
+    ValueError for a ``format`` that is neither "json" nor a schema.
+    """
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    for name, value in request.options.items():
+        if value is None:
+            continue
+        fields = OPTION_MAP.get(name)
+        if fields is None:
+            if dropped is not None and name not in SERVER_OPTIONS:
+                dropped(name)
+            continue
+        if name == "num_predict" and (_as_int(value) or 0) <= 0:
+            continue
+        for wire in fields:
+            body[wire] = value
+    fmt = response_format(request.format)
+    if fmt is not None:
+        body["response_format"] = fmt
+    if request.think is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": request.think}
+    return body
+
+
+@dataclass
+class _Error:
+    """The useful parts of an OpenAI-style error object, whatever its dialect."""
+
+    message: str
+    type: str = ""
+    code: Any = None
+
+    @classmethod
+    def parse(cls, obj: Any, fallback: str, *, bare: bool = False) -> _Error | None:
+        """From ``{"error": {...}}``, ``{"error": "text"}`` or ``{"object": "error", ...}``.
+
+        ``bare``: ``obj`` is known to be an error, possibly the error object
+        itself (llama-server's ``error: {"code", "message", "type"}`` line).
+        """
+        if not isinstance(obj, Mapping):
+            return None
+        err = obj.get("error")
+        if isinstance(err, str):
+            return cls(err)
+        if not isinstance(err, Mapping):
+            if obj.get("object") != "error" and not bare:
+                return None
+            err = obj
+        message = err.get("message")
+        kind = err.get("type")
+        return cls(
+            message if isinstance(message, str) and message else fallback,
+            kind if isinstance(kind, str) else "",
+            err.get("code"),
+        )
+
+    @property
+    def model_missing(self) -> bool:
+        """The error says the model does not exist (OpenAI, vLLM, llama-swap wordings)."""
+        return (
+            self.code == "model_not_found"
+            or self.type in ("NotFoundError", "not_found_error", "model_not_found")
+            or "could not find real modelID" in self.message
+        )
+
+    def describe(self) -> str:
+        extra = ", ".join(
+            part for part in (self.type, "" if self.code is None else f"code {self.code}") if part
+        )
+        return f"{self.message} ({extra})" if extra else self.message
+
+
+@dataclass
+class _Stream:
+    """What one attempt has read so far."""
+
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Any = None
+    timings: Any = None
+    first_data_s: float | None = None
+    event: str = ""  # the SSE ``event:`` field in force for the next data line
+
+    @property
+    def chars(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+@dataclass
+class _Streamed:
+    """What one successful chat attempt produced."""
+
+    content: str
+    done_reason: str
+    metrics: dict[str, int]
+    first_byte_s: float
+
+
+class OpenAIBackend:
+    """One OpenAI-compatible server, as the ``base.Backend`` protocol describes.
+
+    Stateless apart from config and the API key read at construction; safe to
+    share between concurrent tasks. ``stream=False`` asks for whole
+    ``chat.completion`` objects instead of SSE (for servers whose streaming is
+    broken); a server that answers JSON to a streamed request is read either way.
+    """
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        session: aiohttp.ClientSession,
+        *,
+        backoff_base_s: float = 0.25,
+        backoff_cap_s: float = 5.0,
+        probe_timeout_s: float = 5.0,
+        load_timeout_s: float = 600.0,
+        stream: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        rng: random.Random | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Raise ConfigError if ``config.api_key_env`` names an unset variable.
+
+        ``load_timeout_s``: silence allowed for a non-streamed reply, which
+        arrives only once the whole answer is generated (``read_timeout_s`` is
+        meant for gaps between streamed chunks; the larger is used there).
+        ``environ`` replaces ``os.environ`` (tests).
+        """
+        self.config = config
+        self.name: str = config.name
+        url = config.url.rstrip("/")
+        self.url: str = url[: -len("/v1")] if url.endswith("/v1") else url
+        self._session = session
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self._stream = stream
+        self._max_line_bytes = max_line_bytes
+        self._rng = rng or random.Random()
+        self._allowed = None if config.models is None else frozenset(config.models)
+        self._dropped_warned: set[str] = set()
+        self._auth: dict[str, str] = {}
+        if config.api_key_env is not None:
+            key = (os.environ if environ is None else environ).get(config.api_key_env, "")
+            if not key.strip():
+                raise ConfigError(
+                    f"backend {self.name!r}: api_key_env = {config.api_key_env!r}, but that "
+                    "environment variable is not set (or empty) in the daemon's environment"
+                )
+            self._auth = {"Authorization": f"Bearer {key.strip()}"}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
+        self._whole_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=max(config.read_timeout_s, load_timeout_s),
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(
+            total=probe_timeout_s,
+            sock_connect=min(config.connect_timeout_s, probe_timeout_s),
+        )
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"OpenAIBackend(name={self.name!r}, url={self.url!r})"
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat(
+        self, request: ChatRequest, *, keep_alive: KeepAlive | None, task_tag: str = ""
+    ) -> ChatResult:
+        """Run one chat (SSE unless ``stream=False``) and return the text with the server's figures.
+
+        ``keep_alive`` is accepted and not sent: these servers keep a model as
+        long as they are configured to. ``done_reason`` is the server's
+        ``finish_reason`` (``"stop"``, ``"length"``, or what else it sent; ``""``
+        if none). Raises like ``OllamaBackend.chat``: ``ModelNotFound`` /
+        ``BadRequest`` at once, ``BackendUnavailable`` / ``StreamBroken`` after
+        ``config.retries`` quick retries.
+        """
+        self._check_allowed(request.model)
+        try:
+            body = request_body(request, stream=self._stream, dropped=self._note_dropped)
+        except ValueError as exc:
+            raise BadRequest(f"{self._who()}: {exc}") from None
+        payload = self._encode(body)
+        headers = {TASK_HEADER: task_tag} if task_tag else {}
+        started = time.monotonic()
+        streamed, attempts = await self._retrying(
+            "chat", request.model, lambda: self._chat_once(payload, headers)
+        )
+        return ChatResult(
+            content=streamed.content,
+            done_reason=streamed.done_reason,
+            metrics=streamed.metrics,
+            wall_s=time.monotonic() - started,
+            first_byte_s=streamed.first_byte_s,
+            attempts=attempts,
+        )
+
+    def _note_dropped(self, name: str) -> None:
+        if name not in self._dropped_warned:
+            self._dropped_warned.add(name)
+            log.warning(
+                "backend_option_dropped",
+                backend=self.name,
+                option=name,
+                reason="no OpenAI-compatible equivalent (docs/backends.md)",
+            )
+
+    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> _Streamed:
+        """One try: POST, then read SSE events until ``[DONE]`` (or one JSON object)."""
+        t0 = time.monotonic()
+        got_bytes = False
+        state = _Stream()
+        try:
+            async with self._session.post(
+                self.url + CHAT_PATH,
+                data=payload,
+                headers={"Content-Type": "application/json", **self._auth, **headers},
+                timeout=self._timeout if self._stream else self._whole_timeout,
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._status_error(resp, CHAT_PATH)
+                if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    raw = await _read_capped(resp.content, self._max_line_bytes + 1)
+                    got_bytes = bool(raw)
+                    return self._whole(raw, time.monotonic() - t0)
+                lines = NdjsonLines(self._max_line_bytes)
+                async for chunk in resp.content.iter_any():
+                    got_bytes = True
+                    for line in self._split(lines, chunk):
+                        if self._take_line(line, state, t0):
+                            return self._finished(state)
+                for line in lines.finish():
+                    if self._take_line(line, state, t0):
+                        return self._finished(state)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, output_started=got_bytes) from exc
+        if not got_bytes:
+            raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
+        reason = f", finish_reason {state.finish_reason!r}" if state.finish_reason else ""
+        raise StreamBroken(
+            f"{self._who()}: stream ended without data: [DONE] after {state.chars} "
+            f"characters{reason}"
+        )
+
+    def _split(self, lines: NdjsonLines, chunk: bytes) -> list[bytes]:
+        try:
+            return lines.feed(chunk)
+        except ValueError as exc:
+            raise ProtocolError(f"{self._who()}: {exc}") from None
+
+    def _take_line(self, line: bytes, state: _Stream, t0: float) -> bool:
+        """Fold one SSE line into ``state``; True at ``data: [DONE]``.
+
+        Every server sends one ``data:`` line per event, so a line is handled
+        as an event (blank separators are dropped by the splitter).
+        """
+        if line.startswith(b":"):
+            return False  # a comment: keep-alive pings
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"event":
+            state.event = value.decode("utf-8", "replace").strip()
+            return False
+        if name == b"error":  # llama-server: "error: {...}" instead of a data event
+            raise self._event_error(self._json_or_text(value), state)
+        if name != b"data":
+            return False  # id:, retry:, or a field no server here sends
+        event, state.event = state.event, ""
+        if state.first_data_s is None:
+            state.first_data_s = time.monotonic() - t0
+        if value.strip() == b"[DONE]":
+            return True
+        obj = self._json_or_text(value)
+        if event == "error":
+            raise self._event_error(obj, state)
+        if not isinstance(obj, dict):
+            raise StreamBroken(
+                f"{self._who()}: stream had a data line that is not a JSON object: {value[:200]!r}"
+            )
+        if _Error.parse(obj, "") is not None:
+            raise self._event_error(obj, state)
+        self._take_object(obj, state, "delta")
+        return False
+
+    def _take_object(self, obj: Mapping[str, Any], state: _Stream, key: str) -> None:
+        """Text, finish_reason, usage, timings of a chunk (``key`` "delta") or reply ("message")."""
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+                    continue
+                part = choice.get(key)
+                if isinstance(part, Mapping) and isinstance(part.get("content"), str):
+                    state.parts.append(part["content"])
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str) and reason:
+                    state.finish_reason = reason
+        if isinstance(obj.get("usage"), Mapping):
+            state.usage = obj["usage"]
+        if isinstance(obj.get("timings"), Mapping):
+            state.timings = obj["timings"]
+
+    def _whole(self, raw: bytes, first_byte_s: float) -> _Streamed:
+        """A non-streamed ``chat.completion`` object."""
+        if not raw.strip():
+            raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
+        if len(raw) > self._max_line_bytes:
+            raise ProtocolError(f"{self._who()}: reply exceeds {self._max_line_bytes} bytes")
+        obj = self._json_or_text(raw)
+        if _Error.parse(obj, "") is not None:
+            raise self._event_error(obj, _Stream(), "status 200 with")
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            raise ProtocolError(
+                f"{self._who()}: {CHAT_PATH} did not answer a chat.completion: {raw[:200]!r}"
+            )
+        state = _Stream(first_data_s=first_byte_s)
+        self._take_object(obj, state, "message")
+        return self._finished(state)
+
+    def _finished(self, state: _Stream) -> _Streamed:
+        return _Streamed(
+            content="".join(state.parts),
+            done_reason=state.finish_reason or "",
+            metrics=openai_metrics(state.usage, state.timings),
+            first_byte_s=state.first_data_s or 0.0,
+        )
+
+    @staticmethod
+    def _json_or_text(value: bytes) -> Any:
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value.decode("utf-8", "replace").strip()
+
+    def _event_error(
+        self, obj: Any, state: _Stream, what: str = "stream ended with"
+    ) -> BackendError:
+        """An error sent with status 200 (in the stream, or as the whole reply).
+
+        A stream error is a cut stream (retryable), unless the server gave it a
+        client-error code (llama-server's context-size 400, a vLLM 400): asking
+        again gets the same answer, so that is a BadRequest / ModelNotFound.
+        """
+        text = str(obj)[:500] or "unknown error"
+        err = _Error.parse(obj, text, bare=True) or _Error(text)
+        after = f" after {state.chars} characters" if state.parts else ""
+        message = f"{self._who()}: {what} an error{after}: {err.describe()}"
+        code = _as_int(err.code)
+        if err.model_missing:
+            return ModelNotFound(message)
+        if code is not None and 400 <= code < 500 and code not in (408, 429):
+            return ModelNotFound(message) if code == 404 else BadRequest(message)
+        return StreamBroken(message)
+
+    # ---------------------------------------------------------- load / unload
+
+    async def load(self, model: str, *, keep_alive: KeepAlive | None) -> LoadResult:
+        """Check that ``model`` is listed by ``/v1/models``; the server has no load call.
+
+        Returns at once with ``load_duration_ns`` 0 and the probe's wall time.
+        Servers that swap models (llama-swap, LM Studio with JIT loading) load it
+        on the first chat instead, so that chat's time includes the load.
+        Raises ``ModelNotFound`` if the server does not list it.
+        """
+        self._check_allowed(model)
+        started = time.monotonic()
+        models, _ = await self._retrying("load", model, lambda: self._models_once(self._timeout))
+        served = [m.get("id") for m in models]
+        if model not in served:
+            listed = ", ".join(str(s) for s in served[:20]) or "nothing"
+            raise ModelNotFound(
+                f"{self._who()}: model {model!r} is not served here ({MODELS_PATH} lists {listed})"
+            )
+        return LoadResult(model=model, load_duration_ns=0, wall_s=time.monotonic() - started)
+
+    async def unload(self, model: str) -> None:
+        """Nothing to do: an OpenAI-compatible server has no unload call."""
+
+    # ------------------------------------------------------------- read-only
+
+    async def ps(self) -> list[dict[str, Any]]:
+        """Always empty: these servers do not report what is resident."""
+        return []
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """The served models: ``/v1/models``'s ``data`` (id, object, created, owned_by)."""
+        models, _ = await self._retrying("models", None, lambda: self._models_once(self._timeout))
+        return models
+
+    async def version(self) -> str:
+        """The health probe: one ``GET /v1/models`` with a short timeout, no retries.
+
+        OpenAI's API has no version call; the answer is ``"openai"`` plus the
+        first model's ``owned_by`` (``vllm``, ``llamacpp``, ...) when it has one.
+        """
+        models = await self._models_once(self._probe_timeout)
+        owner = models[0].get("owned_by") if models else None
+        return f"openai ({owner})" if isinstance(owner, str) and owner else "openai"
+
+    async def close(self) -> None:
+        """Nothing to release: the session is the daemon's and it closes it."""
+
+    async def _models_once(self, client_timeout: aiohttp.ClientTimeout) -> list[dict[str, Any]]:
+        try:
+            async with self._session.get(
+                self.url + MODELS_PATH,
+                headers=self._auth,
+                timeout=client_timeout,
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._status_error(resp, MODELS_PATH)
+                raw = await _read_capped(resp.content, self._max_line_bytes)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, output_started=False) from exc
+        obj = self._json_or_text(raw)
+        data = obj.get("data") if isinstance(obj, dict) else None
+        if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+            raise ProtocolError(
+                f"{self._who()}: {MODELS_PATH} did not answer a model list: {raw[:200]!r}"
+            )
+        return data
+
+    # --------------------------------------------------------------- plumbing
+
+    def _who(self) -> str:
+        return f"backend {self.name!r} ({self.url})"
+
+    def _check_allowed(self, model: str) -> None:
+        """The allow-list, by exact id (OpenAI model ids have no Ollama-style ``:latest``)."""
+        if self._allowed is not None and model not in self._allowed:
+            allowed = ", ".join(sorted(self._allowed))
+            raise ModelNotAllowed(
+                f"{self._who()}: model {model!r} is not in this backend's allow-list "
+                f"(models = [{allowed}]); add it to the config or route it elsewhere"
+            )
+
+    def _encode(self, body: Mapping[str, Any]) -> bytes:
+        try:
+            return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"{self._who()}: request cannot be sent as JSON: {exc}") from exc
+
+    async def _retrying(
+        self, op: str, model: str | None, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, int]:
+        """Run ``call`` with up to ``config.retries`` quick retries (as OllamaBackend does)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call(), attempt
+            except BackendError as exc:
+                if not exc.retryable or attempt > self.config.retries:
+                    if attempt > 1:
+                        exc.add_note(f"gave up after {attempt} tries")
+                    raise
+                delay = backoff_delay(
+                    attempt, base_s=self._backoff_base_s, cap_s=self._backoff_cap_s, rng=self._rng
+                )
+                log.warning(
+                    "backend_call_retried",
+                    backend=self.name,
+                    op=op,
+                    model=model,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error_kind=exc.kind,
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+
+    async def _status_error(self, resp: aiohttp.ClientResponse, path: str) -> BackendError:
+        """Map a non-200 answer to the error class the daemon acts on."""
+        status = resp.status
+        raw = await _read_capped(resp.content, _ERROR_BODY_BYTES)
+        text = raw.decode("utf-8", "replace").strip()
+        err = _Error.parse(self._json_or_text(raw), text[:500] or (resp.reason or ""))
+        detail = err.describe() if err is not None else (text[:500] or (resp.reason or ""))
+        message = f"{self._who()}: HTTP {status} from {path}: {detail}"
+        if status == 404:
+            if err is None:
+                message += " (no OpenAI error body: is the url an OpenAI-compatible server?)"
+            return ModelNotFound(message)
+        if status in (408, 429) or status >= 500:
+            return BackendUnavailable(message)
+        if 300 <= status < 400:
+            where = resp.headers.get("Location", "?")
+            return BadRequest(f"{message} (redirected to {where}; check the backend url)")
+        if status in (401, 403):
+            return BadRequest(f"{message} (check the backend's api_key_env)")
+        if 400 <= status < 500:
+            if err is not None and err.model_missing:
+                return ModelNotFound(message)
+            return BadRequest(message)
+        return ProtocolError(message)
+
+    def _transport_error(self, exc: BaseException, *, output_started: bool) -> BackendError:
+        """A connection-level failure: an outage before output, a broken stream after."""
+        if isinstance(exc, _BAD_URL_ERRORS):
+            return BadRequest(f"{self._who()}: invalid backend url: {exc}")
+        what = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if output_started:
+            return StreamBroken(f"{self._who()}: stream {what} after output started ({detail})")
+        return BackendUnavailable(f"{self._who()}: {what} ({detail})")

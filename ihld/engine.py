@@ -26,6 +26,7 @@ from ihld.backends.base import Backend, BackendError
 from ihld.commit import GroupCommitter
 from ihld.config import Config
 from ihld.executor import BackendDown, Outcome, StageDone, StageFailed, StageRetry, run_stage
+from ihld.figures import LearnedCosts, ModelFigures
 from ihld.progress import JobProgress
 from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
 from ihld.spool import InflightLog, Spool
@@ -36,70 +37,6 @@ Notify = Callable[..., Coroutine[Any, Any, None]]
 
 # Errors that mean "this server does not have that model": another backend may.
 MISSING_MODEL = frozenset({"model_not_found", "model_not_allowed"})
-
-
-@dataclass
-class ModelFigures:
-    """What ihld has learned of one model from the server's own figures."""
-
-    loads: int = 0
-    load_s_total: float = 0.0
-    load_s_ewma: float | None = None
-    service_s_ewma: float | None = None  # wall time of one stage
-    tokens_per_s_ewma: float | None = None
-    stages: int = 0
-
-    def learn_load(self, seconds: float) -> None:
-        self.loads += 1
-        self.load_s_total += seconds
-        self.load_s_ewma = (
-            seconds if self.load_s_ewma is None else 0.7 * self.load_s_ewma + 0.3 * seconds
-        )
-
-    def learn_stage(self, record: Mapping[str, Any]) -> None:
-        self.stages += 1
-        wall = float(record.get("wall_s", 0.0))
-        self.service_s_ewma = (
-            wall if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * wall
-        )
-        count, duration = record.get("eval_count"), record.get("eval_duration")
-        if count and duration:
-            rate = count / duration * 1e9
-            self.tokens_per_s_ewma = (
-                rate
-                if self.tokens_per_s_ewma is None
-                else 0.9 * self.tokens_per_s_ewma + 0.1 * rate
-            )
-
-
-class LearnedCosts:
-    """The scheduler's cost model, from what the engine learned of each model.
-
-    Unknown models get the mean of the known ones (or a cautious default), so
-    a first switch is not free in the scheduler's eyes.
-    """
-
-    DEFAULT_S = 5.0
-
-    def __init__(self, figures: Mapping[str, ModelFigures]) -> None:
-        self.figures = figures
-
-    def load_s(self, model_key: str) -> float:
-        known = self.figures.get(model_key)
-        if known is not None and known.load_s_ewma is not None:
-            return known.load_s_ewma
-        return self._mean("load_s_ewma")
-
-    def service_s(self, model_key: str) -> float:
-        known = self.figures.get(model_key)
-        if known is not None and known.service_s_ewma is not None:
-            return known.service_s_ewma
-        return self._mean("service_s_ewma")
-
-    def _mean(self, attribute: str) -> float:
-        values = [getattr(f, attribute) for f in self.figures.values()]
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else self.DEFAULT_S
 
 
 @dataclass

@@ -340,18 +340,24 @@ class Daemon:
             stop_claiming.set()
 
     async def _intake_error(self, exc: OSError) -> None:
-        """A full or failing disk: pause claiming, keep what was claimed, retry later."""
+        """A full or failing disk: pause claiming, keep what was claimed, retry until it works.
+
+        (issue 4: it used to retry once and return, leaving the claim stuck until a restart.)
+        """
         pause = 5.0
-        self._intake_paused_until = time.monotonic() + pause
-        log.error("intake_paused", error=str(exc), errno=exc.errno, retry_in_s=pause)
-        await asyncio.sleep(pause)
-        for path in self.spool.claimed_files():
+        while True:
+            self._intake_paused_until = time.monotonic() + pause + 1.0
+            log.error("intake_paused", error=str(exc), errno=exc.errno, retry_in_s=pause)
+            await asyncio.sleep(pause)
             try:
-                result = await asyncio.to_thread(self.intake.process, path)
+                for path in self.spool.claimed_files():
+                    self._admit(await asyncio.to_thread(self.intake.process, path))
             except OSError as again:
-                log.error("intake_paused", error=str(again), errno=again.errno)
-                return
-            self._admit(result)
+                exc = again
+                continue
+            self._intake_paused_until = 0.0
+            log.info("intake_resumed")
+            return
 
     async def _wait_for_room(self) -> None:
         limit = self.config.limits.max_jobs_in_memory

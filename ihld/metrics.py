@@ -175,7 +175,8 @@ class Metrics:
 
     def observe(self, method_name: str, event: Mapping[str, Any]) -> None:
         """The log listener: update the series an event stands for (others are ignored)."""
-        handler = self._handlers.get(event.get("event"))  # type: ignore[arg-type]
+        name = event.get("event")
+        handler = self._handlers.get(name) if isinstance(name, str) else None
         if handler is not None:
             with self._lock:
                 handler(event)

@@ -1,7 +1,8 @@
 """Status: the daemon's live figures as one JSON-able snapshot, and its one-line summary.
 
 The snapshot is what ``GET /status`` returns, what ``ihld status`` prints
-and what the systemd ``STATUS=`` line summarises. It is derived from the
+(:func:`status_view`, a rich renderable; :func:`render_text` for plain text)
+and what the systemd ``STATUS=`` line summarises (:func:`summary_line`). It is derived from the
 engine's state on demand; nothing here is stored — except Ollama's own view
 of what is resident (``/api/ps``), which :class:`PsCache` polls in the
 background so that ``/status`` never waits on a backend.
@@ -115,7 +116,8 @@ def snapshot(engine: Engine, spool_counts: dict[str, int] | None = None) -> dict
     }
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``45s``, ``35m``, ``2.5h``: the STATUS= line's durations."""
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:
@@ -139,7 +141,7 @@ def summary_line(snap: dict[str, Any]) -> str:
         parts.append(f"{jobs['failed']} failed")
     parts.append(f"{_rate(snap['jobs_per_min']['1m'])} jobs/min")
     if snap["eta_s"] and jobs["in_progress"]:
-        parts.append(f"ETA {_duration(snap['eta_s'])}")
+        parts.append(f"ETA {format_duration(snap['eta_s'])}")
     resident: set[str] = set()
     loading: set[str] = set()
     for backend in snap["backends"].values():
@@ -177,7 +179,7 @@ def _expires(value: Any, now: float) -> str:
     left = when - now
     if left > 10 * 365 * 86400:
         return "held for ever"
-    return f"expires in {_duration(max(left, 0.0))}" if left > 0 else "expiring"
+    return f"expires in {format_duration(max(left, 0.0))}" if left > 0 else "expiring"
 
 
 def _bar(done: int, total: int, width: int) -> Any:
@@ -201,9 +203,9 @@ def status_view(snap: dict[str, Any]) -> Any:
     rates = snap["jobs_per_min"]
     eta = snap.get("eta_s")
     facts = Text(
-        f"policy {snap['policy']} · up {_duration(snap.get('pid_uptime_s', 0.0))} · "
+        f"policy {snap['policy']} · up {format_duration(snap.get('pid_uptime_s', 0.0))} · "
         f"jobs/min {_rate(rates['1m'])} (1m) {_rate(rates['15m'])} (15m) · "
-        f"ETA {_duration(eta) if eta else '-' if eta is None else 'done'} · "
+        f"ETA {format_duration(eta) if eta else '-' if eta is None else 'done'} · "
         f"loads {snap['loads']} ({snap.get('load_s_total', 0.0):.1f} s loading) · "
         f"retries {snap['stages']['retries']}",
         style="dim",
@@ -267,7 +269,7 @@ def _ps_text(ps: dict[str, Any] | None, now: float) -> Any:
     text = Text("; ".join(shown) or "nothing loaded")
     age = ps.get("age_s")
     if age is not None and age >= 1:
-        text.append(f" ({_duration(age)} ago)", "dim")
+        text.append(f" ({format_duration(age)} ago)", "dim")
     if ps.get("error"):
         text.append(f" [{ps['error']}]", "yellow")
     return text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -241,3 +242,71 @@ def _json_names(directory: Path) -> set[str]:
         return {n[:-5] for n in os.listdir(directory) if n.endswith(".json")}
     except FileNotFoundError:
         return set()
+
+
+def follow(waiter: JobWaiter, timeout: float | None) -> int:
+    """Show progress on stderr until the jobs finish: 0 all done, 1 some failed, 124 timed out.
+
+    A rich progress bar on a terminal; otherwise a line whenever the counts
+    changed, at most every 2 s. The failed jobs are listed at the end.
+    """
+    from ihld.status import format_duration as duration
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interactive = sys.stderr.isatty()
+    timed_out = False
+
+    def line() -> str:
+        text = (
+            f"{waiter.n_done}/{waiter.total} done, {waiter.n_failed} failed, "
+            f"{waiter.rate_per_min():.1f} jobs/min"
+        )
+        if waiter.finished:
+            return text
+        eta = waiter.eta_s()
+        return f"{text}, ETA {duration(eta) if eta else '-'}"
+
+    if interactive:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        columns = (
+            TextColumn("[bold]waiting"),
+            BarColumn(bar_width=40),
+            TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("jobs", total=max(waiter.total, 1), line=line())
+            while True:
+                waiter.poll()
+                progress.update(task, completed=waiter.n_done + waiter.n_failed, line=line())
+                if waiter.finished:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.25)
+    else:
+        last_shown = ""
+        last_at = 0.0
+        while True:
+            waiter.poll()
+            text = line()
+            if waiter.finished:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out = True
+                break
+            if text.split(",")[:2] != last_shown.split(",")[:2] and now - last_at >= 2.0:
+                print(f"ihld submit: {text}", file=sys.stderr, flush=True)
+                last_shown, last_at = text, now
+            time.sleep(0.25)
+    print(f"ihld submit: {line()}" + (" (timed out)" if timed_out else ""), file=sys.stderr)
+    for detail in waiter.failure_details():
+        print(f"  failed {detail}", file=sys.stderr)
+    if timed_out:
+        return 124
+    return 1 if waiter.n_failed else 0

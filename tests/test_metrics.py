@@ -213,10 +213,10 @@ def test_metrics_endpoint_of_a_real_run(
     text = rig.config.read_text().replace("[control]\n", '[control]\nlisten = "127.0.0.1:0"\n')
     rig.config.write_text(text)
     rig.start()
-    rig.wait_ready()
+    rig.wait_ready(timeout=60)
     drop(rig.inbox, "batch.jsonl", debate_lines(6))
     drop(rig.inbox, "bad.json", "{not json")
-    rig.wait_finished(7)
+    rig.wait_finished(7, timeout=120)
     sock = rig.spool / "run" / "ihld.sock"
     deadline = time.monotonic() + 20
     while True:  # the last job's events are logged just after its result is published
@@ -257,3 +257,16 @@ def test_metrics_endpoint_of_a_real_run(
         urllib.request.urlopen(poke, timeout=10)
     assert info.value.code in (404, 405)
     assert address.startswith("127.0.0.1:")
+
+
+def test_listen_is_validated(tmp_path: Path) -> None:
+    from ihld.config import load_config
+    from ihld.errors import ConfigError
+
+    path = tmp_path / "ihld.toml"
+    path.write_text('[control]\nlisten = "127.0.0.1:9464"\n')
+    assert load_config(path).control.listen == "127.0.0.1:9464"
+    assert load_config(tmp_path / "ihld.toml").control.socket is True
+    path.write_text('[control]\nlisten = "anywhere"\n')
+    with pytest.raises(ConfigError, match=r"key control\.listen"):
+        load_config(path)

@@ -182,9 +182,9 @@ def test_status_of_a_running_daemon(
     sim = sim_factory("laptop-6gb-4slot", 50.0)
     rig = rig_factory(sim.url, slots=4, max_loaded=1)
     rig.start()
-    rig.wait_ready()
+    rig.wait_ready(timeout=60)
     drop(rig.inbox, "batch.jsonl", debate_lines(8))
-    rig.wait_finished(8)
+    rig.wait_finished(8, timeout=120)
     deadline = time.monotonic() + 30
     while True:  # until the counters caught up and Ollama's view was polled
         status = rig.status()

@@ -95,7 +95,7 @@ def test_submit_wait_exit_codes(
     sim = sim_factory("laptop-6gb-4slot", 200.0)
     rig = rig_factory(sim.url, slots=4, max_loaded=1)
     rig.start()
-    rig.wait_ready()
+    rig.wait_ready(timeout=60)
 
     good = tmp_path / "good.jsonl"
     good.write_text(debate_lines(5, prefix="g"))

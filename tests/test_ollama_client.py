@@ -7,11 +7,12 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from http_fixtures import session_fixture  # noqa: F401  (provides the session fixture)
 from ollama_peer import (
     BUSY,
     DEFAULT_CONTENT,
@@ -61,13 +62,6 @@ MESSAGES: list[dict[str, Any]] = [
 ]
 
 MakeBackend = Callable[..., OllamaBackend]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_session()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

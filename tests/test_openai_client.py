@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from http_fixtures import session_fixture  # noqa: F401  (provides the session fixture)
 from ollama_peer import (
     Behaviour,
     OllamaPeer,
@@ -37,7 +38,7 @@ from ihld.backends.base import (
     ModelNotFound,
     StreamBroken,
 )
-from ihld.backends.ollama import TASK_HEADER, ModelNotAllowed, ProtocolError, make_session
+from ihld.backends.ollama import TASK_HEADER, ModelNotAllowed, ProtocolError
 from ihld.backends.openai import OPTION_MAP, OpenAIBackend, openai_metrics, request_body
 from ihld.config import BackendConfig, parse_config
 from ihld.errors import ConfigError
@@ -190,13 +191,6 @@ def models_reply(*ids: str, owned_by: str = "llamacpp") -> Behaviour:
 
 
 # --------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_session()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -17,15 +17,21 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from http_fixtures import (
+    SimFactory,
+    http_fixture,  # noqa: F401  (provides the http fixture)
+    msgs,
+    sims,
+)
 
-from ihld.sim import PROFILES, Faults, Profile, SimHandle, build_app, get_profile, start_sim
+from ihld.sim import PROFILES, Faults, Profile, SimHandle, build_app, get_profile
 from ihld.sim.api import go_time
 from ihld.sim.durations import DurationError, parse_go_duration, parse_keep_alive
 from ihld.sim.output import plan_output, request_key
@@ -35,34 +41,12 @@ GEMMA = "gemma2:9b"
 LLAMA = "llama3.2:3b"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 
-SimFactory = Callable[..., Awaitable[SimHandle]]
-
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimFactory]:
     """Start simulators (default laptop-6gb at speed 100); all closed at teardown."""
-    handles: list[SimHandle] = []
-
-    async def make(**kwargs: Any) -> SimHandle:
-        kwargs.setdefault("profile", "laptop-6gb")
-        kwargs.setdefault("speed", 100.0)
-        handle = await start_sim("127.0.0.1", 0, **kwargs)
-        handles.append(handle)
-        return handle
-
-    yield make
-    for handle in handles:
-        await handle.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-def msgs(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+    async with sims(speed=100.0) as make:
+        yield make
 
 
 async def post(

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from http_fixtures import (
+    SimFactory,
+    http_fixture,  # noqa: F401  (provides the http fixture)
+    msgs,
+    session_fixture,  # noqa: F401  (provides the session fixture)
+    sims,
+)
 
 from ihld.backends.base import (
     BackendUnavailable,
@@ -22,49 +29,19 @@ from ihld.backends.base import (
     ModelNotFound,
     StreamBroken,
 )
-from ihld.backends.ollama import make_session
 from ihld.backends.openai import OpenAIBackend
 from ihld.config import BackendConfig
-from ihld.sim import Faults, SimHandle, start_sim
+from ihld.sim import Faults, SimHandle
 
 QWEN = "qwen2.5:7b"
 GEMMA = "gemma2:9b"
 CHAT = "/v1/chat/completions"
 
-SimFactory = Callable[..., Awaitable[SimHandle]]
-
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimFactory]:
-    handles: list[SimHandle] = []
-
-    async def make(**kwargs: Any) -> SimHandle:
-        kwargs.setdefault("profile", "laptop-6gb")
-        kwargs.setdefault("speed", 200.0)
-        handle = await start_sim("127.0.0.1", 0, **kwargs)
-        handles.append(handle)
-        return handle
-
-    yield make
-    for handle in handles:
-        await handle.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_session()
-    yield s
-    await s.close()
-
-
-def msgs(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+    async with sims(speed=200.0) as make:
+        yield make
 
 
 def backend(sim: SimHandle, session: aiohttp.ClientSession, **cfg: Any) -> OpenAIBackend:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible client: vLLM, llama.cpp's llama-server, llama-swap, LM Studio.
 
 One ``OpenAIBackend`` per ``kind = "openai"`` server, over the daemon's one
-session, shaped like ``ollama.OllamaBackend`` (same retries, backoff and
-error classes). What it relies on:
+session, on the transport ``ollama.OllamaBackend`` uses too
+(``http.HttpBackend``: same retries, backoff and error classes). What it
+relies on:
 
 * ``POST /v1/chat/completions`` with ``stream: true`` answers Server-Sent
   Events: ``data: {chat.completion.chunk}`` lines (text in
@@ -25,14 +26,13 @@ is not sent. docs/backends.md has the option mapping and the figures kept.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import structlog
@@ -48,15 +48,14 @@ from ihld.backends.base import (
     ModelNotFound,
     StreamBroken,
 )
-from ihld.backends.ollama import (
-    _BAD_URL_ERRORS,
+from ihld.backends.http import (
     DEFAULT_MAX_LINE_BYTES,
-    TASK_HEADER,
-    ModelNotAllowed,
-    NdjsonLines,
+    HttpBackend,
     ProtocolError,
-    _read_capped,
-    backoff_delay,
+    Streamed,
+    error_body,
+    error_for_status,
+    read_capped,
 )
 from ihld.config import BackendConfig
 from ihld.errors import ConfigError
@@ -70,13 +69,10 @@ __all__ = [
 
 log = structlog.get_logger("ihld.backends.openai")
 
-T = TypeVar("T")
-
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 # The name a JSON-schema ``format`` gets in ``response_format.json_schema``.
 SCHEMA_NAME = "stage"
-_ERROR_BODY_BYTES = 64 * 1024
 
 # Ollama option -> request field(s). Standard OpenAI parameters first; the rest
 # are documented extensions: top_k (vLLM, llama-server, LM Studio), min_p (vLLM,
@@ -292,17 +288,7 @@ class _Stream:
         return sum(len(p) for p in self.parts)
 
 
-@dataclass
-class _Streamed:
-    """What one successful chat attempt produced."""
-
-    content: str
-    done_reason: str
-    metrics: dict[str, int]
-    first_byte_s: float
-
-
-class OpenAIBackend:
+class OpenAIBackend(HttpBackend):
     """One OpenAI-compatible server, as the ``base.Backend`` protocol describes.
 
     Stateless apart from config and the API key read at construction; safe to
@@ -332,16 +318,19 @@ class OpenAIBackend:
         meant for gaps between streamed chunks; the larger is used there).
         ``environ`` replaces ``os.environ`` (tests).
         """
-        self.config = config
-        self.name: str = config.name
         url = config.url.rstrip("/")
-        self.url: str = url[: -len("/v1")] if url.endswith("/v1") else url
-        self._session = session
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
+        super().__init__(
+            config,
+            session,
+            url=url[: -len("/v1")] if url.endswith("/v1") else url,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+            probe_timeout_s=probe_timeout_s,
+            long_read_s=load_timeout_s,
+            max_line_bytes=max_line_bytes,
+            rng=rng,
+        )
         self._stream = stream
-        self._max_line_bytes = max_line_bytes
-        self._rng = rng or random.Random()
         self._allowed = None if config.models is None else frozenset(config.models)
         self._dropped_warned: set[str] = set()
         self._auth: dict[str, str] = {}
@@ -353,25 +342,6 @@ class OpenAIBackend:
                     "environment variable is not set (or empty) in the daemon's environment"
                 )
             self._auth = {"Authorization": f"Bearer {key.strip()}"}
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_s,
-            sock_connect=config.connect_timeout_s,
-            sock_read=config.read_timeout_s,
-        )
-        self._whole_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_s,
-            sock_connect=config.connect_timeout_s,
-            sock_read=max(config.read_timeout_s, load_timeout_s),
-        )
-        self._probe_timeout = aiohttp.ClientTimeout(
-            total=probe_timeout_s,
-            sock_connect=min(config.connect_timeout_s, probe_timeout_s),
-        )
-
-    def __repr__(self) -> str:  # never shows the API key
-        return f"OpenAIBackend(name={self.name!r}, url={self.url!r})"
 
     # ------------------------------------------------------------------ chat
 
@@ -392,20 +362,7 @@ class OpenAIBackend:
             body = request_body(request, stream=self._stream, dropped=self._note_dropped)
         except ValueError as exc:
             raise BadRequest(f"{self._who()}: {exc}") from None
-        payload = self._encode(body)
-        headers = {TASK_HEADER: task_tag} if task_tag else {}
-        started = time.monotonic()
-        streamed, attempts = await self._retrying(
-            "chat", request.model, lambda: self._chat_once(payload, headers)
-        )
-        return ChatResult(
-            content=streamed.content,
-            done_reason=streamed.done_reason,
-            metrics=streamed.metrics,
-            wall_s=time.monotonic() - started,
-            first_byte_s=streamed.first_byte_s,
-            attempts=attempts,
-        )
+        return await self._chat(request.model, body, task_tag)
 
     def _note_dropped(self, name: str) -> None:
         if name not in self._dropped_warned:
@@ -417,49 +374,31 @@ class OpenAIBackend:
                 reason="no OpenAI-compatible equivalent (docs/backends.md)",
             )
 
-    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> _Streamed:
+    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> Streamed:
         """One try: POST, then read SSE events until ``[DONE]`` (or one JSON object)."""
-        t0 = time.monotonic()
-        got_bytes = False
+        reader = self._reader()
         state = _Stream()
-        try:
-            async with self._session.post(
-                self.url + CHAT_PATH,
-                data=payload,
-                headers={"Content-Type": "application/json", **self._auth, **headers},
-                timeout=self._timeout if self._stream else self._whole_timeout,
-                allow_redirects=False,
-            ) as resp:
-                if resp.status != 200:
-                    raise await self._status_error(resp, CHAT_PATH)
-                if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    raw = await _read_capped(resp.content, self._max_line_bytes + 1)
-                    got_bytes = bool(raw)
-                    return self._whole(raw, time.monotonic() - t0)
-                lines = NdjsonLines(self._max_line_bytes)
-                async for chunk in resp.content.iter_any():
-                    got_bytes = True
-                    for line in self._split(lines, chunk):
-                        if self._take_line(line, state, t0):
-                            return self._finished(state)
-                for line in lines.finish():
-                    if self._take_line(line, state, t0):
-                        return self._finished(state)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(exc, output_started=got_bytes) from exc
-        if not got_bytes:
+        async with self._response(
+            "POST",
+            CHAT_PATH,
+            client_timeout=self._timeout if self._stream else self._long_timeout,
+            payload=payload,
+            headers={**self._auth, **headers},
+            reader=reader,
+        ) as resp:
+            if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                raw = await reader.whole(resp.content, self._max_line_bytes + 1)
+                return self._whole(raw, reader.first_byte_s or 0.0)
+            async for line in reader.lines(resp.content):
+                if self._take_line(line, state, reader.t0):
+                    return self._finished(state)
+        if not reader.started:
             raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
         reason = f", finish_reason {state.finish_reason!r}" if state.finish_reason else ""
         raise StreamBroken(
             f"{self._who()}: stream ended without data: [DONE] after {state.chars} "
             f"characters{reason}"
         )
-
-    def _split(self, lines: NdjsonLines, chunk: bytes) -> list[bytes]:
-        try:
-            return lines.feed(chunk)
-        except ValueError as exc:
-            raise ProtocolError(f"{self._who()}: {exc}") from None
 
     def _take_line(self, line: bytes, state: _Stream, t0: float) -> bool:
         """Fold one SSE line into ``state``; True at ``data: [DONE]``.
@@ -514,7 +453,7 @@ class OpenAIBackend:
         if isinstance(obj.get("timings"), Mapping):
             state.timings = obj["timings"]
 
-    def _whole(self, raw: bytes, first_byte_s: float) -> _Streamed:
+    def _whole(self, raw: bytes, first_byte_s: float) -> Streamed:
         """A non-streamed ``chat.completion`` object."""
         if not raw.strip():
             raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
@@ -531,8 +470,8 @@ class OpenAIBackend:
         self._take_object(obj, state, "message")
         return self._finished(state)
 
-    def _finished(self, state: _Stream) -> _Streamed:
-        return _Streamed(
+    def _finished(self, state: _Stream) -> Streamed:
+        return Streamed(
             content="".join(state.parts),
             done_reason=state.finish_reason or "",
             metrics=openai_metrics(state.usage, state.timings),
@@ -611,22 +550,11 @@ class OpenAIBackend:
         owner = models[0].get("owned_by") if models else None
         return f"openai ({owner})" if isinstance(owner, str) and owner else "openai"
 
-    async def close(self) -> None:
-        """Nothing to release: the session is the daemon's and it closes it."""
-
     async def _models_once(self, client_timeout: aiohttp.ClientTimeout) -> list[dict[str, Any]]:
-        try:
-            async with self._session.get(
-                self.url + MODELS_PATH,
-                headers=self._auth,
-                timeout=client_timeout,
-                allow_redirects=False,
-            ) as resp:
-                if resp.status != 200:
-                    raise await self._status_error(resp, MODELS_PATH)
-                raw = await _read_capped(resp.content, self._max_line_bytes)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(exc, output_started=False) from exc
+        async with self._response(
+            "GET", MODELS_PATH, client_timeout=client_timeout, headers=self._auth
+        ) as resp:
+            raw = await read_capped(resp.content, self._max_line_bytes)
         obj = self._json_or_text(raw)
         data = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
@@ -637,84 +565,28 @@ class OpenAIBackend:
 
     # --------------------------------------------------------------- plumbing
 
-    def _who(self) -> str:
-        return f"backend {self.name!r} ({self.url})"
-
     def _check_allowed(self, model: str) -> None:
         """The allow-list, by exact id (OpenAI model ids have no Ollama-style ``:latest``)."""
         if self._allowed is not None and model not in self._allowed:
-            allowed = ", ".join(sorted(self._allowed))
-            raise ModelNotAllowed(
-                f"{self._who()}: model {model!r} is not in this backend's allow-list "
-                f"(models = [{allowed}]); add it to the config or route it elsewhere"
-            )
-
-    def _encode(self, body: Mapping[str, Any]) -> bytes:
-        try:
-            return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"{self._who()}: request cannot be sent as JSON: {exc}") from exc
-
-    async def _retrying(
-        self, op: str, model: str | None, call: Callable[[], Awaitable[T]]
-    ) -> tuple[T, int]:
-        """Run ``call`` with up to ``config.retries`` quick retries (as OllamaBackend does)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await call(), attempt
-            except BackendError as exc:
-                if not exc.retryable or attempt > self.config.retries:
-                    if attempt > 1:
-                        exc.add_note(f"gave up after {attempt} tries")
-                    raise
-                delay = backoff_delay(
-                    attempt, base_s=self._backoff_base_s, cap_s=self._backoff_cap_s, rng=self._rng
-                )
-                log.warning(
-                    "backend_call_retried",
-                    backend=self.name,
-                    op=op,
-                    model=model,
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                    error_kind=exc.kind,
-                    error=str(exc),
-                )
-                await asyncio.sleep(delay)
+            raise self._not_allowed(model, self._allowed)
 
     async def _status_error(self, resp: aiohttp.ClientResponse, path: str) -> BackendError:
-        """Map a non-200 answer to the error class the daemon acts on."""
+        """Map a non-200 answer to the error class the daemon acts on.
+
+        As ``http.error_for_status``, and: a 404 without an OpenAI error body
+        hints at a wrong url, 401/403 at the API key, and another 4xx whose body
+        says the model is missing is a ``ModelNotFound``.
+        """
         status = resp.status
-        raw = await _read_capped(resp.content, _ERROR_BODY_BYTES)
-        text = raw.decode("utf-8", "replace").strip()
+        raw, text = await error_body(resp)
         err = _Error.parse(self._json_or_text(raw), text[:500] or (resp.reason or ""))
         detail = err.describe() if err is not None else (text[:500] or (resp.reason or ""))
         message = f"{self._who()}: HTTP {status} from {path}: {detail}"
-        if status == 404:
-            if err is None:
-                message += " (no OpenAI error body: is the url an OpenAI-compatible server?)"
-            return ModelNotFound(message)
-        if status in (408, 429) or status >= 500:
-            return BackendUnavailable(message)
-        if 300 <= status < 400:
-            where = resp.headers.get("Location", "?")
-            return BadRequest(f"{message} (redirected to {where}; check the backend url)")
+        if status == 404 and err is None:
+            message += " (no OpenAI error body: is the url an OpenAI-compatible server?)"
         if status in (401, 403):
             return BadRequest(f"{message} (check the backend's api_key_env)")
-        if 400 <= status < 500:
-            if err is not None and err.model_missing:
-                return ModelNotFound(message)
-            return BadRequest(message)
-        return ProtocolError(message)
-
-    def _transport_error(self, exc: BaseException, *, output_started: bool) -> BackendError:
-        """A connection-level failure: an outage before output, a broken stream after."""
-        if isinstance(exc, _BAD_URL_ERRORS):
-            return BadRequest(f"{self._who()}: invalid backend url: {exc}")
-        what = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if output_started:
-            return StreamBroken(f"{self._who()}: stream {what} after output started ({detail})")
-        return BackendUnavailable(f"{self._who()}: {what} ({detail})")
+        missing = err is not None and err.model_missing
+        if missing and 400 <= status < 500 and status not in (408, 429):
+            return ModelNotFound(message)
+        return error_for_status(resp, message)

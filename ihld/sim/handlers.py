@@ -5,6 +5,10 @@ validate (400), find the model (404), unload or load on request, get a
 runner from the scheduler (503 when the load queue is full), then hold a
 slot, evaluate the prompt and stream the tokens at the cost model's pace.
 Injected faults cut in at the point where the real failure would happen.
+
+The OpenAI endpoints (openai_api.py) reuse the request reading (``read_call``),
+the serving (``_serve``) and the reply's stream handling (``_Reply``), so both
+APIs share one engine, one cost model and one way of failing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -60,6 +64,10 @@ class SimState:
 STATE: web.AppKey[SimState] = web.AppKey("ihld_sim_state", SimState)
 # Builds the reply object of one call: _Reply (Ollama's NDJSON) or a subclass.
 ReplyFactory = Callable[[web.Request, CompletionCall, RequestRecord], "_Reply"]
+# Answers a refused call in one API's error format, noting the status on its record.
+Fail = Callable[[RequestRecord, int, str], web.Response]
+
+T = TypeVar("T")
 
 
 def dumps(obj: Any) -> str:
@@ -187,27 +195,56 @@ def _fail(rec: RequestRecord, status: int, message: str) -> web.Response:
     return error_response(status, message)
 
 
-async def _completion(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    state = request.app[STATE]
-    started = time.monotonic()
-    task = request.headers.get(TASK_HEADER)
+async def read_call(
+    request: web.Request,
+    parse: Callable[[Any], T],
+    *,
+    empty: str,
+    invalid: str,
+    kind: Callable[[Any], str],
+    fail: Fail,
+) -> T | web.Response:
+    """Read a completion request's JSON body and ``parse`` it, or answer 400 through ``fail``.
+
+    Shared by the Ollama and OpenAI endpoints; ``empty`` and ``invalid`` are
+    each API's words for an empty body and for one that is not JSON (the
+    parser's own words follow ``invalid``). A refused request is still logged,
+    under the model its body names, as ``kind(body)``.
+    """
     body: Any = None
     try:
         raw = await request.read()
         if not raw.strip():
-            raise BadRequest("missing request body")
+            raise BadRequest(empty)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"invalid JSON: {exc}") from None
-        call = parse_call(body, endpoint)
+            raise BadRequest(f"{invalid}: {exc}") from None
+        return parse(body)
     except BadRequest as exc:
         model = body.get("model") if isinstance(body, dict) else None
-        rec = state.stats.record_request(
-            model if isinstance(model, str) and model else None, task, _guess_kind(body, endpoint)
+        rec = request.app[STATE].stats.record_request(
+            model if isinstance(model, str) and model else None,
+            request.headers.get(TASK_HEADER),
+            kind(body),
         )
-        return _fail(rec, 400, str(exc))
-    rec = state.stats.record_request(call.model, task, call.kind)
+        return fail(rec, 400, str(exc))
+
+
+async def _completion(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    started = time.monotonic()
+    call = await read_call(
+        request,
+        lambda body: parse_call(body, endpoint),
+        empty="missing request body",
+        invalid="invalid JSON",
+        kind=lambda body: _guess_kind(body, endpoint),
+        fail=_fail,
+    )
+    if isinstance(call, web.Response):
+        return call
+    state = request.app[STATE]
+    rec = state.stats.record_request(call.model, request.headers.get(TASK_HEADER), call.kind)
     return await _serve(request, state, call, rec, started)
 
 
@@ -222,7 +259,7 @@ async def _serve(
     rec: RequestRecord,
     started: float,
     *,
-    fail: Callable[[RequestRecord, int, str], web.Response] = _fail,
+    fail: Fail = _fail,
     make_reply: ReplyFactory | None = None,
 ) -> web.StreamResponse:
     """Serve a parsed call; ``fail`` and ``make_reply`` shape errors and replies.
@@ -305,7 +342,9 @@ async def _send_whole(
 class _Reply:
     """The response under construction: NDJSON lines, or one object at the end.
 
-    The OpenAI endpoints subclass it (SSE events, ``chat.completion`` objects).
+    The OpenAI endpoints subclass it (SSE events, ``chat.completion`` objects)
+    and reuse how a stream starts (``_write``) and ends (``_end``), and how a
+    whole reply is cut (``_cut_whole``).
     """
 
     def __init__(self, request: web.Request, call: CompletionCall, rec: RequestRecord) -> None:
@@ -315,14 +354,44 @@ class _Reply:
         self.parts: list[str] = []
         self.resp: web.StreamResponse | None = None
 
-    async def _line(self, obj: dict[str, Any]) -> None:
+    def _stream_response(self) -> web.StreamResponse:
+        """A streamed response, not yet prepared: NDJSON."""
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/x-ndjson"
+        return resp
+
+    async def _write(self, data: bytes) -> None:
+        """Write to the stream, sending its status (200) and headers first if not yet sent."""
         if self.resp is None:
-            resp = web.StreamResponse(status=200)
-            resp.content_type = "application/x-ndjson"
+            resp = self._stream_response()
             self.rec.status = 200
             await resp.prepare(self.request)
             self.resp = resp
-        await self.resp.write((dumps(obj) + "\n").encode())
+        await self.resp.write(data)
+
+    async def _end(self, done_reason: str | None = None) -> web.StreamResponse:
+        """End the stream; with a ``done_reason``, note the call as completed."""
+        assert self.resp is not None
+        await self.resp.write_eof()
+        if done_reason is not None:
+            self.rec.done_reason = done_reason
+            self.rec.completed = True
+        return self.resp
+
+    async def _cut_whole(self, obj: dict[str, Any]) -> web.StreamResponse:
+        """Announce ``obj`` as a whole JSON reply, send half of it, and drop the connection."""
+        body = dumps(obj).encode()
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/json"
+        resp.charset = "utf-8"
+        resp.content_length = len(body)
+        self.rec.status = 200
+        await resp.prepare(self.request)
+        await resp.write(body[: len(body) // 2])
+        return _drop(self.request, resp)
+
+    async def _line(self, obj: dict[str, Any]) -> None:
+        await self._write((dumps(obj) + "\n").encode())
 
     async def chunk(self, text: str) -> None:
         self.parts.append(text)
@@ -332,34 +401,21 @@ class _Reply:
     async def finish(self, final: dict[str, Any], done_reason: str) -> web.StreamResponse:
         if self.call.stream:
             await self._line(final)
-            assert self.resp is not None
-            await self.resp.write_eof()
-            self.rec.done_reason = done_reason
-            self.rec.completed = True
-            return self.resp
+            return await self._end(done_reason)
         return await _send_whole(self.request, self.rec, final, done_reason)
 
     async def fail(self, message: str) -> web.StreamResponse:
         """An error after output began: a final error line (200), else a real status."""
         if self.call.stream and self.resp is not None:
             await self._line({"error": message})
-            await self.resp.write_eof()
-            return self.resp
+            return await self._end()
         self.rec.status = 500
         return error_response(500, message)
 
     async def cut(self, final: dict[str, Any]) -> web.StreamResponse:
         """Drop the connection mid-body."""
         if not self.call.stream:
-            body = dumps(final).encode()
-            resp = web.StreamResponse(status=200)
-            resp.content_type = "application/json"
-            resp.charset = "utf-8"
-            resp.content_length = len(body)
-            self.rec.status = 200
-            await resp.prepare(self.request)
-            await resp.write(body[: len(body) // 2])
-            return _drop(self.request, resp)
+            return await self._cut_whole(final)
         return _drop(self.request, self.resp)
 
 

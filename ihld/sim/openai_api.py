@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +31,7 @@ from ihld.sim.handlers import (
     _serve,
     dumps,
     json_response,
+    read_call,
 )
 from ihld.sim.stats import RequestRecord
 
@@ -212,16 +212,16 @@ class _OpenAIReply(_Reply):
             obj["usage"] = None  # as OpenAI: null on every chunk but the last
         return obj
 
+    def _stream_response(self) -> web.StreamResponse:
+        """A streamed response, not yet prepared: Server-Sent Events."""
+        resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        return resp
+
     async def _event(self, data: dict[str, Any] | str) -> None:
-        if self.resp is None:
-            resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
-            resp.content_type = "text/event-stream"
-            resp.charset = "utf-8"
-            self.rec.status = 200
-            await resp.prepare(self.request)
-            self.resp = resp
         text = data if isinstance(data, str) else dumps(data)
-        await self.resp.write(f"data: {text}\n\n".encode())
+        await self._write(f"data: {text}\n\n".encode())
 
     @staticmethod
     def _usage(final: Mapping[str, Any]) -> dict[str, int]:
@@ -257,11 +257,7 @@ class _OpenAIReply(_Reply):
             last["usage"] = self._usage(final)
             await self._event(last)
         await self._event("[DONE]")
-        assert self.resp is not None
-        await self.resp.write_eof()
-        self.rec.done_reason = done_reason
-        self.rec.completed = True
-        return self.resp
+        return await self._end(done_reason)
 
     async def fail(self, message: str) -> web.StreamResponse:
         """After output began: an error event, then ``[DONE]`` (as vLLM and llama-server)."""
@@ -269,22 +265,13 @@ class _OpenAIReply(_Reply):
             error = {"message": message, "type": "server_error", "param": None, "code": None}
             await self._event({"error": error})
             await self._event("[DONE]")
-            await self.resp.write_eof()
-            return self.resp
+            return await self._end()
         return _fail(self.rec, 500, message)
 
     async def cut(self, final: dict[str, Any]) -> web.StreamResponse:
         if self.call.stream:
             return _drop(self.request, self.resp)
-        body = dumps(self._completion(final, str(final.get("done_reason", "")))).encode()
-        resp = web.StreamResponse(status=200)
-        resp.content_type = "application/json"
-        resp.charset = "utf-8"
-        resp.content_length = len(body)
-        self.rec.status = 200
-        await resp.prepare(self.request)
-        await resp.write(body[: len(body) // 2])
-        return _drop(self.request, resp)
+        return await self._cut_whole(self._completion(final, str(final.get("done_reason", ""))))
 
 
 # --- handlers ----------------------------------------------------------------------
@@ -292,26 +279,20 @@ class _OpenAIReply(_Reply):
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: validate (400), find the model (404), then serve."""
-    state = request.app[STATE]
     started = time.monotonic()
-    task = request.headers.get(TASK_HEADER)
-    body: Any = None
-    try:
-        raw = await request.read()
-        if not raw.strip():
-            raise BadRequest("the request body is empty")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        call, include_usage = parse_request(body)
-    except BadRequest as exc:
-        model = body.get("model") if isinstance(body, Mapping) else None
-        rec = state.stats.record_request(
-            model if isinstance(model, str) and model else None, task, "chat"
-        )
-        return _fail(rec, 400, str(exc))
-    rec = state.stats.record_request(call.model, task, "chat")
+    parsed = await read_call(
+        request,
+        parse_request,
+        empty="the request body is empty",
+        invalid="the request body is not valid JSON",
+        kind=lambda body: "chat",
+        fail=_fail,
+    )
+    if isinstance(parsed, web.Response):
+        return parsed
+    call, include_usage = parsed
+    state = request.app[STATE]
+    rec = state.stats.record_request(call.model, request.headers.get(TASK_HEADER), "chat")
     if state.profile.spec(call.model) is None:
         rec.status = 404
         return openai_error(

@@ -1,0 +1,464 @@
+"""HTTP transport for the backend clients: what ``ollama.py`` and ``openai.py`` share.
+
+Both clients reach their server the same way: over the daemon's one aiohttp
+session, with per-call connect and read timeouts, a few quick retries with
+jittered backoff, a streamed body read line by line, and every failure mapped
+onto the ``base.BackendError`` tree so the daemon can tell an outage (retry
+later) from a bad request (fail the stage). That plumbing lives here once, so
+a fix to the retry loop or to the error classification reaches every API; a
+client keeps only what its API says (paths, request bodies, stream format,
+error bodies).
+
+Quick transport retries live here; stage-level retries belong to the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+
+from ihld.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    BadRequest,
+    ChatResult,
+    ModelNotFound,
+    StreamBroken,
+)
+from ihld.config import BackendConfig
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "ERROR_BODY_BYTES",
+    "TASK_HEADER",
+    "BodyReader",
+    "HttpBackend",
+    "ModelNotAllowed",
+    "NdjsonLines",
+    "ProtocolError",
+    "Streamed",
+    "backoff_delay",
+    "error_body",
+    "error_for_status",
+    "error_for_transport",
+    "make_session",
+    "read_capped",
+]
+
+log = structlog.get_logger("ihld.backends.http")
+
+T = TypeVar("T")
+
+# Sent with every chat so a test peer's request log can prove no finished stage
+# is sent twice (docs/CONTRACTS.md). Servers ignore unknown headers.
+TASK_HEADER = "X-Ihld-Task"
+
+# A streamed chunk is one token or so; a line this long means something is wrong.
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+# How much of an error body to read: servers send one short JSON object.
+ERROR_BODY_BYTES = 64 * 1024
+# A bad URL is a config error, not an outage: never retried. (NonHttpUrlClientError
+# appeared in aiohttp 3.10; pyproject allows 3.9.)
+_BAD_URL_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls
+    for cls in (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", None))
+    if isinstance(cls, type)
+)
+
+
+class ModelNotAllowed(ModelNotFound):
+    """The model is not in this backend's ``models`` allow-list; nothing was sent."""
+
+    kind = "model_not_allowed"
+
+
+class ProtocolError(BackendError):
+    """The server answered, but not as its API does (wrong shape, wrong done_reason).
+
+    Not retried: asking the same server again gets the same answer. Usually the
+    URL points at something that speaks another API, or a server too old for ihld.
+    """
+
+    retryable = False
+    kind = "protocol_error"
+
+
+def make_session() -> aiohttp.ClientSession:
+    """Create THE daemon's one HTTP session (the daemon closes it).
+
+    ``total=None``: a generation can stream for many minutes, and aiohttp's
+    default 300 s total would cut it; each call sets connect and sock_read
+    timeouts instead. The pool must hold every slot of every backend at once
+    plus probes, so the per-host cap sits well above ``slots`` (at most 256).
+    """
+    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=512, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        raise_for_status=False,
+    )
+
+
+def backoff_delay(
+    retry: int, *, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retry number ``retry`` (1 = the first retry).
+
+    Exponential (``base * 2**(retry-1)``, capped), with jitter over the upper
+    half, so clients that failed together (a 503 burst) do not retry together,
+    and the wait still grows.
+    """
+    ceiling = min(cap_s, base_s * (2 ** max(0, retry - 1)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+class NdjsonLines:
+    """Split a byte stream into lines, whatever the chunking (NDJSON, or SSE's lines).
+
+    aiohttp's ``readline`` raises on lines over twice its read buffer (128 KiB
+    by default); a final chunk or a long thinking trace may be longer, so the
+    buffering is done here with an explicit, generous limit. Only bytes not yet
+    searched are scanned for a newline, so a long line costs linear time.
+    """
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self._buf = bytearray()
+        self._scanned = 0  # bytes at the start of _buf known to hold no newline
+        self._max = max_line_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return the lines it completed, without ``\\n``/``\\r``, blanks dropped."""
+        self._buf += data
+        lines: list[bytes] = []
+        start = 0
+        search_from = self._scanned
+        while (nl := self._buf.find(b"\n", search_from)) >= 0:
+            if nl - start > self._max:
+                raise ValueError(f"a line exceeds {self._max} bytes")
+            line = bytes(self._buf[start:nl]).rstrip(b"\r")
+            if line.strip():
+                lines.append(line)
+            start = search_from = nl + 1
+        if start:
+            del self._buf[:start]
+        self._scanned = len(self._buf)
+        if self._scanned > self._max:
+            raise ValueError(f"a line exceeds {self._max} bytes without a newline")
+        return lines
+
+    def finish(self) -> list[bytes]:
+        """The last line, if the stream ended without a newline (gin's ``c.JSON`` adds none)."""
+        rest = bytes(self._buf).strip()
+        self._buf.clear()
+        self._scanned = 0
+        return [rest] if rest else []
+
+
+async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read up to ``limit`` bytes or to EOF (``read(n)`` may return after the first chunk)."""
+    buf = bytearray()
+    while len(buf) < limit:
+        chunk = await content.read(limit - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+@dataclass
+class Streamed:
+    """What one successful chat attempt produced."""
+
+    content: str
+    done_reason: str
+    metrics: dict[str, int]
+    first_byte_s: float
+
+
+class BodyReader:
+    """One attempt's response body, read as it arrives, and when its first byte came.
+
+    Made before the request is sent (``t0``), so that a failure can say
+    whether output had started: before, it is an outage; after, a broken
+    stream. Read a body once, with ``lines`` or ``whole``.
+    """
+
+    def __init__(self, who: str, max_line_bytes: int) -> None:
+        self.t0 = time.monotonic()
+        self.first_byte_s: float | None = None
+        self._who = who
+        self._splitter = NdjsonLines(max_line_bytes)
+        self._pending: deque[bytes] = deque()
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether any of the body has arrived."""
+        return self.first_byte_s is not None
+
+    def lines(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        """The body's non-blank lines, each as soon as the chunk completing it arrives.
+
+        A line over ``max_line_bytes`` raises ``ProtocolError``; the last line
+        needs no newline. (An iterator object, not a generator: leaving the
+        loop early leaves nothing to finalise.)
+        """
+        self._chunks = content.iter_any()
+        return self
+
+    async def whole(self, content: aiohttp.StreamReader, limit: int) -> bytes:
+        """The body at once, up to ``limit`` bytes (a reply that is not streamed)."""
+        raw = await read_capped(content, limit)
+        if raw:
+            self._arrived()
+        return raw
+
+    def __aiter__(self) -> BodyReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._pending:
+            if self._chunks is None:
+                raise StopAsyncIteration
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._chunks = None
+                self._pending.extend(self._splitter.finish())
+                continue
+            self._arrived()
+            try:
+                self._pending.extend(self._splitter.feed(chunk))
+            except ValueError as exc:
+                raise ProtocolError(f"{self._who}: {exc}") from None
+        return self._pending.popleft()
+
+    def _arrived(self) -> None:
+        if self.first_byte_s is None:
+            self.first_byte_s = time.monotonic() - self.t0
+
+
+async def error_body(resp: aiohttp.ClientResponse) -> tuple[bytes, str]:
+    """A non-200 answer's body (its first ``ERROR_BODY_BYTES``), raw and as stripped text."""
+    raw = await read_capped(resp.content, ERROR_BODY_BYTES)
+    return raw, raw.decode("utf-8", "replace").strip()
+
+
+def error_for_status(resp: aiohttp.ClientResponse, message: str) -> BackendError:
+    """The error class a non-200 status (sent before any output) means; ``message`` says it.
+
+    404: the model is missing. 408, 429, 5xx: the server, not the request
+    (retryable). A redirect: the URL is wrong. Other 4xx: the request. Anything
+    else (1xx, another 2xx) is not an answer this API gives.
+    """
+    status = resp.status
+    if status == 404:
+        return ModelNotFound(message)
+    if status in (408, 429) or status >= 500:
+        return BackendUnavailable(message)
+    if 300 <= status < 400:
+        where = resp.headers.get("Location", "?")
+        return BadRequest(f"{message} (redirected to {where}; check the backend url)")
+    if 400 <= status < 500:
+        return BadRequest(message)
+    return ProtocolError(message)
+
+
+def error_for_transport(exc: BaseException, who: str, *, output_started: bool) -> BackendError:
+    """A connection-level failure: an outage before output, a broken stream after."""
+    if isinstance(exc, _BAD_URL_ERRORS):
+        return BadRequest(f"{who}: invalid backend url: {exc}")
+    what = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if output_started:
+        return StreamBroken(f"{who}: stream {what} after output started ({detail})")
+    return BackendUnavailable(f"{who}: {what} ({detail})")
+
+
+class HttpBackend(ABC):
+    """One server reached over HTTP: the part of a ``base.Backend`` that is not its API.
+
+    Holds the config, the daemon's session, the timeouts and the retry policy.
+    A subclass says how to read one chat attempt (``_chat_once``) and how its
+    API words an error status (``_status_error``). Stateless apart from
+    config; safe to share between concurrent tasks.
+    """
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        session: aiohttp.ClientSession,
+        *,
+        url: str,
+        backoff_base_s: float,
+        backoff_cap_s: float,
+        probe_timeout_s: float,
+        long_read_s: float,
+        max_line_bytes: int,
+        rng: random.Random | None,
+    ) -> None:
+        """``long_read_s``: silence allowed on a call that answers only once it is done.
+
+        ``config.read_timeout_s`` is meant for gaps between streamed chunks;
+        the larger of the two is used for such calls (``_long_timeout``).
+        """
+        self.config = config
+        self.name: str = config.name
+        self.url: str = url
+        self._session = session
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self._max_line_bytes = max_line_bytes
+        self._rng = rng or random.Random()
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
+        self._long_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=max(config.read_timeout_s, long_read_s),
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(
+            total=probe_timeout_s,
+            sock_connect=min(config.connect_timeout_s, probe_timeout_s),
+        )
+
+    def __repr__(self) -> str:  # never shows an API key
+        return f"{type(self).__name__}(name={self.name!r}, url={self.url!r})"
+
+    async def close(self) -> None:  # noqa: B027  (a no-op for every subclass, not a hook)
+        """Nothing to release: the session is the daemon's and it closes it."""
+
+    @abstractmethod
+    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> Streamed:
+        """One try of a chat: send ``payload`` and read the whole answer."""
+
+    @abstractmethod
+    async def _status_error(self, resp: aiohttp.ClientResponse, path: str) -> BackendError:
+        """Map a non-200 answer to ``path`` to the error class the daemon acts on."""
+
+    # ------------------------------------------------------------------ calls
+
+    async def _chat(self, model: str, body: Mapping[str, Any], task_tag: str) -> ChatResult:
+        """Send a chat ``body`` with quick retries; the result, timed over every try."""
+        payload = self._encode(body)
+        headers = {TASK_HEADER: task_tag} if task_tag else {}
+        started = time.monotonic()
+        streamed, attempts = await self._retrying(
+            "chat", model, lambda: self._chat_once(payload, headers)
+        )
+        return ChatResult(
+            content=streamed.content,
+            done_reason=streamed.done_reason,
+            metrics=streamed.metrics,
+            wall_s=time.monotonic() - started,
+            first_byte_s=streamed.first_byte_s,
+            attempts=attempts,
+        )
+
+    async def _retrying(
+        self, op: str, model: str | None, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, int]:
+        """Run ``call`` with up to ``config.retries`` quick retries; return (result, tries).
+
+        Only retryable errors are retried; the last one is re-raised with a note
+        saying how many tries were made.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call(), attempt
+            except BackendError as exc:
+                if not exc.retryable or attempt > self.config.retries:
+                    if attempt > 1:
+                        exc.add_note(f"gave up after {attempt} tries")
+                    raise
+                delay = backoff_delay(
+                    attempt, base_s=self._backoff_base_s, cap_s=self._backoff_cap_s, rng=self._rng
+                )
+                log.warning(
+                    "backend_call_retried",
+                    backend=self.name,
+                    op=op,
+                    model=model,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error_kind=exc.kind,
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+
+    @contextlib.asynccontextmanager
+    async def _response(
+        self,
+        method: str,
+        path: str,
+        *,
+        client_timeout: aiohttp.ClientTimeout,
+        payload: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        reader: BodyReader | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``async with``: the 200 response to one request (no redirects followed).
+
+        Any other status raises what ``_status_error`` maps it to. A connection
+        failure or timeout, while connecting or while the block reads the body,
+        raises ``error_for_transport``'s error: a broken stream once ``reader``
+        has seen output, an outage before.
+        """
+        sent = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            async with self._session.request(
+                method,
+                self.url + path,
+                data=payload,
+                headers={**sent, **(headers or {})},
+                timeout=client_timeout,
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._status_error(resp, path)
+                yield resp
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            started = reader is not None and reader.started
+            raise error_for_transport(exc, self._who(), output_started=started) from exc
+
+    # --------------------------------------------------------------- plumbing
+
+    def _who(self) -> str:
+        return f"backend {self.name!r} ({self.url})"
+
+    def _reader(self) -> BodyReader:
+        """A reader for one attempt's body; its clock starts now."""
+        return BodyReader(self._who(), self._max_line_bytes)
+
+    def _not_allowed(self, model: str, allowed: Iterable[str]) -> ModelNotAllowed:
+        """The error for a model outside the allow-list ``allowed`` (listed, sorted)."""
+        listed = ", ".join(sorted(allowed))
+        return ModelNotAllowed(
+            f"{self._who()}: model {model!r} is not in this backend's allow-list "
+            f"(models = [{listed}]); add it to the config or route it elsewhere"
+        )
+
+    def _encode(self, body: Mapping[str, Any]) -> bytes:
+        """JSON-encode the request; what JSON cannot carry (NaN, objects) is a bad request."""
+        try:
+            return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"{self._who()}: request cannot be sent as JSON: {exc}") from exc

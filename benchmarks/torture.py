@@ -776,19 +776,192 @@ class Torture:
         report.events_killed_on = dict(events)
 
 
+# -- backend faults and outages (the other figures of RELIABILITY.md) -----------------------
+
+
+def _events(spool: Path) -> list[dict[str, Any]]:
+    path = spool / "log" / "ihld.jsonl"
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _run_batch(
+    workdir: Path,
+    sim: Sim,
+    jobs: int,
+    *,
+    extra: str = "",
+    read_timeout_s: float = 2.0,
+    during: Any = None,
+    timeout_s: float = 1800.0,
+) -> dict[str, Any]:
+    """One daemon, one batch of debates, until every job is in outbox/ or failed/."""
+    spool = workdir / "spool"
+    config = workdir / "ihld.toml"
+    write_config(config, spool, sim.url, slots=2, extra=extra)
+    config.write_text(
+        config.read_text().replace("read_timeout_s = 10", f"read_timeout_s = {read_timeout_s:g}")
+    )
+    ids = [f"f{n:05d}" for n in range(jobs)]
+    inbox = spool / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / ".batch.jsonl.tmp").write_text("".join(json.dumps(debate_job(i)) + "\n" for i in ids))
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [*IHLD, "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "daemon.stderr", "ab"),  # noqa: SIM115
+        cwd=REPO,
+        env={**os.environ, "IHLD_FAILPOINTS": ""},
+    )
+    wait_ready(spool, proc)
+    (inbox / ".batch.jsonl.tmp").rename(inbox / "batch.jsonl")
+    extra_figures: dict[str, Any] = {}
+    if during is not None:
+        extra_figures = during(spool) or {}
+    deadline = time.monotonic() + timeout_s
+    done: set[str] = set()
+    failed: set[str] = set()
+    while time.monotonic() < deadline:
+        done = {p.stem for p in (spool / "outbox").glob("*.json")}
+        failed = {p.stem for p in (spool / "failed").glob("*.json")}
+        if len(done | failed) >= jobs:
+            break
+        time.sleep(0.25)
+    wall = time.monotonic() - started
+    proc.send_signal(signal.SIGTERM)
+    exit_code = proc.wait(120)
+    problems = audit(spool, set(ids), {})  # every job done, none failed
+    events = Counter(e.get("event") for e in _events(spool))
+    return {
+        "jobs": jobs,
+        "done": len(done),
+        "failed": len(failed),
+        "problems": problems,
+        "wall_s": round(wall, 1),
+        "exit": exit_code,
+        "events": {
+            k: events[k]
+            for k in (
+                "backend_call_retried",
+                "stage_retried",
+                "backend_down",
+                "backend_up",
+                "job_failed",
+                "commit_failed",
+            )
+            if events[k]
+        },
+        **extra_figures,
+    }
+
+
+def run_faults(
+    workdir: Path, *, jobs: int, error_rate: float, speed: float, seed: int
+) -> dict[str, Any]:
+    """A batch against a simulator failing ``error_rate`` of its requests, every kind."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    sim = Sim.start("laptop-6gb", speed, "--error-rate", str(error_rate), "--seed", str(seed))
+    try:
+        figures = _run_batch(workdir, sim, jobs)
+        stats = sim.stats()
+        completed: Counter[str] = Counter(
+            "/".join(e["task"].split("/")[:2])
+            for e in sim.get("/sim/requests")
+            if e["task"] and e["completed"]
+        )
+    finally:
+        sim.stop()
+    figures.update(
+        error_rate=error_rate,
+        chat_requests=stats["chat_requests"],
+        faults_injected=stats["faults_injected"],
+        stages_completed_twice=sum(1 for n in completed.values() if n > 1),
+    )
+    return figures
+
+
+def run_outage(workdir: Path, *, jobs: int, down_s: float, speed: float) -> dict[str, Any]:
+    """A batch whose server is stopped for ``down_s`` seconds in the middle, then restarted."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    box: dict[str, Sim] = {"sim": Sim.start("laptop-6gb", speed)}
+    port = int(box["sim"].url.rsplit(":", 1)[1])
+
+    def outage(spool: Path) -> dict[str, Any]:
+        while len(list((spool / "outbox").glob("*.json"))) < max(1, jobs // 5):
+            time.sleep(0.2)
+        before = len(list((spool / "outbox").glob("*.json")))
+        box["sim"].stop()
+        stopped = time.monotonic()
+        seen_down = None
+        snapshot: dict[str, Any] | None = None
+        while time.monotonic() - stopped < down_s:
+            snap = control(spool)
+            if snap and not snap["backends"]["sim"]["up"] and seen_down is None:
+                seen_down = time.monotonic() - stopped
+                snapshot = snap["backends"]["sim"]
+            time.sleep(0.5)
+        during = len(list((spool / "outbox").glob("*.json"))) - before
+        box["sim"] = Sim.start("laptop-6gb", speed, port=port)
+        return {
+            "down_s": down_s,
+            "done_before_outage": before,
+            "done_during_outage": during,
+            "status_down_after_s": None if seen_down is None else round(seen_down, 1),
+            "status_during_outage": snapshot,
+        }
+
+    try:
+        figures = _run_batch(workdir, box["sim"], jobs, during=outage)
+    finally:
+        box["sim"].stop()
+    events = _events(workdir / "spool")
+    down = [e for e in events if e.get("event") in ("backend_down", "backend_up")]
+    figures["backend_events"] = [
+        {k: e.get(k) for k in ("timestamp", "event", "error")} for e in down
+    ]
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torture", description=__doc__)
+    parser.add_argument("--mode", choices=("kill", "faults", "outage"), default="kill")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--kills", type=int, default=120)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--speed", type=float, default=10.0)
     parser.add_argument("--profile", default="laptop-6gb-4slot")
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--error-rate", type=float, default=0.1, help="--mode faults")
+    parser.add_argument("--down-s", type=float, default=60.0, help="--mode outage")
     parser.add_argument("--workdir", type=Path, help="keep the spool here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the full report (every kill) here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ihld-torture-"))
+    if args.mode != "kill":
+        if args.mode == "faults":
+            figures = run_faults(
+                workdir,
+                jobs=args.jobs,
+                error_rate=args.error_rate,
+                speed=args.speed,
+                seed=args.seed,
+            )
+        else:
+            figures = run_outage(workdir, jobs=args.jobs, down_s=args.down_s, speed=args.speed)
+        ok = not figures["problems"] and figures["exit"] == 0 and figures["failed"] == 0
+        print(json.dumps({**figures, "ok": ok}, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({**figures, "ok": ok}, indent=2) + "\n")
+        if args.workdir is None and ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0 if ok else 1
     torture = Torture(
         workdir,
         jobs=args.jobs,

@@ -26,10 +26,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from ihld.errors import SpoolError
 from ihld.metrics import CONTENT_TYPE_LATEST, Metrics
 from ihld.status import PsCache
 
 log = structlog.get_logger("ihld")
+
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 
 
 def build_app(
@@ -101,6 +104,12 @@ async def start_control(
     server = ControlServer()
     try:
         if path is not None:
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # else bind() dies with a traceback
+                raise SpoolError(
+                    f"control socket path {path} is {len(os.fsencode(path))} bytes, over the "
+                    f"{MAX_SOCKET_PATH} a unix socket allows; use a shorter [spool] dir "
+                    "(or [control] socket = false)"
+                )
             path.unlink(missing_ok=True)  # noqa: ASYNC240 - once, at start-up
             app = build_app(snapshot, poke, metrics=metrics, ps=ps)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)

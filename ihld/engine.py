@@ -88,6 +88,7 @@ class Engine:
             max_wait_s=config.scheduler.max_wait_s,
             fair_wait_s=config.scheduler.fair_wait_s,
             fifo_workers=config.scheduler.fifo_workers,
+            prefetch=config.scheduler.prefetch,
             costs=LearnedCosts(self.figures),
         )
         self.jobs: dict[str, JobProgress] = {}

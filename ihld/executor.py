@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ihld import jsonsafe
 from ihld.actors import Actor, StageContext
 from ihld.backends.base import Backend, BackendError, ChatRequest, ChatResult, KeepAlive
 from ihld.errors import StageError
@@ -134,8 +135,13 @@ async def run_stage(
         return BackendDown(exc.kind, str(exc))
     try:
         output = actor.parse_response(ctx, result)
+        jsonsafe.dumps(output).encode()  # it goes into checkpoints and results: strict JSON
     except StageError as exc:
         return _stage_error(exc)
+    except (TypeError, ValueError) as exc:
+        return StageRetry(
+            "plugin_error", f"actor {actor.name!r} returned an output that is not JSON: {exc}"
+        )
     except Exception as exc:
         return StageRetry("plugin_error", f"actor {actor.name!r} parse_response raised {exc!r}")
     record = stage_record(

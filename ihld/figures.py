@@ -33,9 +33,14 @@ class ModelFigures:
 
     def learn_stage(self, record: Mapping[str, Any]) -> None:
         self.stages += 1
-        wall = float(record.get("wall_s", 0.0))
+        # The server's own compute time: wall time also holds waits for a slot
+        # (requests kept queued at the server) and ihld's round trip.
+        compute_ns = int(record.get("prompt_eval_duration") or 0) + int(
+            record.get("eval_duration") or 0
+        )
+        service = compute_ns / 1e9 if compute_ns else float(record.get("wall_s", 0.0))
         self.service_s_ewma = (
-            wall if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * wall
+            service if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * service
         )
         count, duration = record.get("eval_count"), record.get("eval_duration")
         if count and duration:

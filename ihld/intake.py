@@ -73,6 +73,8 @@ class Intake:
             "fifo": "a FIFO is not a job file",
             "socket": "a socket is not a job file",
         }
+        if not os.path.lexists(self.spool.inbox / entry.name):
+            return None  # gone since the scan
         job_id = _stem_id(entry.name)
         shown = display_name(entry.name)
         kind = entry.kind if entry.kind != "file" else "not_regular"

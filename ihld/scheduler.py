@@ -19,6 +19,12 @@ Policies:
     in-flight requests finish), is unloaded, and the next model is loaded on
     its own so its load time is measured.
 
+    ``prefetch`` requests beyond the slots are kept waiting *at the server*
+    (Ollama queues them on the model's own semaphore, uncapped and outside
+    ``OLLAMA_MAX_QUEUE``), so a slot that frees starts the next request at
+    once instead of after ihld's round trip; the server still runs at most
+    ``slots`` at a time.
+
 ``fifo``
     Job by job, stage by stage, ``fifo_workers`` at a time: the seed
     script's behaviour, kept as the baseline. No explicit loads; the server
@@ -206,6 +212,7 @@ class Scheduler:
         fair_wait_s: float | None = None,
         fifo_workers: int = 1,
         costs: Costs | None = None,
+        prefetch: int = 1,
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.costs: Costs = costs or FixedCosts()
@@ -213,6 +220,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.fair_wait_s = fair_wait_s
         self.fifo_workers = fifo_workers
+        self.prefetch = prefetch
         self.queues: dict[str, ModelQueue] = {}
         self.model_names: dict[str, str] = {}
         self.inflight: dict[tuple[str, str], Task] = {}
@@ -392,7 +400,8 @@ class Scheduler:
             if resident.state is not ModelState.LOADED:
                 continue
             queue = self.queues.get(resident.key)
-            while queue is not None and len(queue) and resident.inflight < backend.slots:
+            depth = backend.slots + self.prefetch
+            while queue is not None and len(queue) and resident.inflight < depth:
                 self._dispatch(backend, queue, actions)
 
     def _served_priority(self, backend: BackendSlots) -> int | None:

@@ -37,7 +37,8 @@ class Trace:
     started: dict[tuple[str, str], float] = field(default_factory=dict)
     ready_at: dict[tuple[str, str], float] = field(default_factory=dict)
     loads: int = 0
-    max_inflight: dict[tuple[str, str], int] = field(default_factory=dict)
+    max_inflight: dict[tuple[str, str], int] = field(default_factory=dict)  # running at server
+    max_outstanding: dict[tuple[str, str], int] = field(default_factory=dict)  # sent by ihld
     max_resident: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     makespan: float = 0.0
@@ -51,8 +52,17 @@ def run(
     load_s: float = 2.0,
     max_wait_s: float = 600.0,
     max_events: int = 200_000,
+    prefetch: int = 1,
 ) -> Trace:
-    sched = Scheduler(backends, policy=policy, max_wait_s=max_wait_s)  # type: ignore[arg-type]
+    """Drive the scheduler; the server runs at most ``slots`` requests per model at once
+    and queues the rest FIFO, as Ollama's per-model semaphore does."""
+    sched = Scheduler(
+        backends,
+        policy=policy,
+        max_wait_s=max_wait_s,  # type: ignore[arg-type]
+        prefetch=prefetch,
+    )
+    slots = {b.name: b.slots for b in backends}
     trace = Trace()
     by_id = {job.id: job for job in jobs}
     done: dict[str, set[str]] = {job.id: set() for job in jobs}
@@ -61,8 +71,17 @@ def run(
     seq = itertools.count()
     for job in jobs:
         heapq.heappush(events, (job.arrival, next(seq), "arrive", job.id))
-    inflight: dict[tuple[str, str], int] = {}
+    sent: set[tuple[str, str]] = set()
+    outstanding: dict[tuple[str, str], int] = {}
+    running: dict[tuple[str, str], int] = {}
+    waiting: dict[tuple[str, str], list[tuple[Dispatch, float]]] = {}
     now = 0.0
+
+    def start(action: Dispatch, service: float, key: tuple[str, str]) -> None:
+        running[key] = running.get(key, 0) + 1
+        trace.max_inflight[key] = max(trace.max_inflight.get(key, 0), running[key])
+        trace.started[action.task.key] = now
+        heapq.heappush(events, (now + service, next(seq), "finish", (action, key)))
 
     def enqueue_ready(job: SimJob) -> None:
         for stage in job.stages:
@@ -90,8 +109,9 @@ def run(
                 job = by_id[task.job_id]
                 stage = next(s for s in job.stages if s.name == task.stage)
                 key = (action.backend, task.model_key)
-                if task.key in trace.started:
+                if task.key in sent:
                     trace.violations.append(f"{task.key} dispatched twice")
+                sent.add(task.key)
                 if any(n not in done[job.id] for n in stage.needs):
                     trace.violations.append(f"{task.key} dispatched before its needs")
                 resident = sched.backends[action.backend].resident.get(task.model_key)
@@ -99,11 +119,15 @@ def run(
                     resident is None or resident.state is not ModelState.LOADED
                 ):
                     trace.violations.append(f"{task.key} dispatched to a model not loaded")
-                trace.started[task.key] = now
                 trace.dispatched.append((now, action.backend, task.model_key, *task.key))
-                inflight[key] = inflight.get(key, 0) + 1
-                trace.max_inflight[key] = max(trace.max_inflight.get(key, 0), inflight[key])
-                heapq.heappush(events, (now + stage.service, next(seq), "finish", (action, key)))
+                outstanding[key] = outstanding.get(key, 0) + 1
+                trace.max_outstanding[key] = max(
+                    trace.max_outstanding.get(key, 0), outstanding[key]
+                )
+                if running.get(key, 0) < slots[action.backend]:
+                    start(action, stage.service, key)
+                else:
+                    waiting.setdefault(key, []).append((action, stage.service))
             elif isinstance(action, Load):
                 trace.loads += 1
                 heapq.heappush(events, (now + load_s, next(seq), "loaded", action))
@@ -124,7 +148,10 @@ def run(
         elif kind == "finish":
             action, key = payload  # type: ignore[misc]
             task = action.task
-            inflight[key] -= 1
+            outstanding[key] -= 1
+            running[key] -= 1
+            if waiting.get(key):
+                start(*waiting[key].pop(0), key)
             done[task.job_id].add(task.stage)
             trace.finished[task.key] = now
             enqueue_ready(by_id[task.job_id])

@@ -603,3 +603,155 @@ def test_unreadable_file_and_unwritable_spool(
     assert "Traceback" not in message
     if not prefix:
         print("not root: ran without setpriv", file=sys.stderr)
+
+
+def test_spool_too_deep_for_the_control_socket_is_reported(
+    sim: Sim, rig_factory: Callable[..., DaemonRig], tmp_path: Path
+) -> None:
+    """A unix socket path has 107 bytes at most: a clear start-up error, not a traceback."""
+    rig = rig_factory(sim.url)
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "spool"
+    deep.parent.mkdir(parents=True)
+    rig.config.write_text(rig.config.read_text().replace(str(rig.spool), str(deep)))
+    result = subprocess.run([*IHLD, "run", "--config", str(rig.config)],
+                            capture_output=True, timeout=60, cwd=REPO)
+    message = result.stderr.decode()
+    assert result.returncode == 2, message[-2000:]
+    assert "control socket path" in message and "shorter [spool] dir" in message
+    assert "Traceback" not in message
+
+
+# -- the fixes behind the corpus, one unit test each ------------------------------------------
+
+
+def _intake(tmp_path: Path, resolver: Any = None) -> Any:
+    import itertools
+
+    from ihld.intake import Intake
+    from ihld.jobs import StageSpec, resolve
+    from ihld.spool import Spool
+
+    pipes = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
+
+    def default(spec: Any, job_id: str, source: dict[str, Any]) -> Any:
+        return resolve(spec, job_id, pipelines=pipes, actor_models={"prompt": None},
+                       source=source)
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    counter = itertools.count()
+    return Intake(spool, resolver or default, max_bytes=100_000, next_seq=lambda: next(counter))
+
+
+def _claim(intake: Any, name: str, data: bytes) -> Any:
+    (intake.spool.inbox / name).write_bytes(data)
+    entry = next(e for e in intake.spool.scan_inbox() if e.name == name)
+    return intake.claim_and_read(entry)
+
+
+def test_a_duplicate_never_takes_the_running_jobs_name(tmp_path: Path) -> None:
+    """The bug: failed/<id>.json for the duplicate made recovery drop the original's checkpoint."""
+    intake = _intake(tmp_path)
+    spool = intake.spool
+    assert [p.job.id for p in _claim(intake, "a.json", b'{"id":"x","pipeline":"p"}').accepted]
+    _claim(intake, "b.json", b'{"id":"x","pipeline":"p"}')
+    assert not (spool.failed / "x.json").exists()
+    assert json.loads((spool.failed / "x~2.json").read_text())["error"]["kind"] == "duplicate_id"
+    assert spool.checkpoint_ids() == ["x"] and not spool.is_finished("x")
+    # and a bare rejection record (an older spool, another path) is never taken for the job's end
+    (spool.failed / "y.json").write_text(json.dumps({"id": "y", "status": "rejected"}))
+    assert not spool.is_finished("y")
+    (spool.failed / "z.json").write_text(json.dumps({"id": "z", "status": "failed"}))
+    assert spool.is_finished("z")
+
+
+def test_replaying_a_duplicate_writes_its_record_once(tmp_path: Path) -> None:
+    intake = _intake(tmp_path)
+    _claim(intake, "a.json", b'{"id":"x","pipeline":"p"}')
+    path = intake.spool.claimed / "00000000000000000009.1.0--d.jsonl"
+    data = b'{"id":"x","pipeline":"p"}\n{"id":"w","pipeline":"p"}\n{"id":"w","pipeline":"p"}\n'
+    path.write_bytes(data)
+    intake.process(path)
+    path.write_bytes(data)  # a crash before the claim was released: the same file again
+    replay = intake.process(path)
+    assert replay.accepted == [] and replay.rejected == []
+    names = sorted(p.name for p in intake.spool.failed.glob("*.json"))
+    assert names == ["w~2.json", "x~2.json"]
+
+
+def test_a_full_disk_during_intake_does_not_turn_jobs_into_duplicates(tmp_path: Path) -> None:
+    from ihld import failpoints
+
+    intake = _intake(tmp_path)
+    failpoints.configure("checkpoint.before_publish:enospc")
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            _claim(intake, "full.jsonl", b'{"id":"f1","pipeline":"p"}\n')
+    finally:
+        failpoints.configure("")
+    [claimed] = intake.spool.claimed_files()
+    result = intake.process(claimed)  # the retry once space is back
+    assert [p.job.id for p in result.accepted] == ["f1"] and not result.rejected
+
+
+def test_an_unforeseen_error_rejects_the_file_whole_instead_of_wedging_it(
+    tmp_path: Path,
+) -> None:
+    def broken(spec: Any, job_id: str, source: dict[str, Any]) -> Any:
+        raise RuntimeError("a plugin's pipeline table is broken")
+
+    intake = _intake(tmp_path, broken)
+    result = _claim(intake, "odd.jsonl", b'{"pipeline":"p"}\n')
+    assert not intake.spool.claimed_files()
+    record = json.loads((intake.spool.failed / "odd.json").read_text())
+    assert record["error"]["kind"] == "intake_error"
+    assert "RuntimeError" in record["error"]["message"]
+    kept = intake.spool.root / record["source"]["kept_as"]
+    assert kept.read_bytes() == b'{"pipeline":"p"}\n'
+    assert result.accepted == []
+
+
+def test_rejected_lines_keep_the_whole_file(tmp_path: Path) -> None:
+    intake = _intake(tmp_path)
+    big = json.dumps({"pipeline": "nope", "input": {"x": "y" * 10_000}})
+    _claim(intake, "keep.jsonl", ('{"pipeline":"p"}\n' + big + "\n").encode())
+    record = json.loads((intake.spool.failed / "keep.2.json").read_text())
+    kept = intake.spool.root / record["source"]["kept_as"]
+    assert big in kept.read_text()  # the error record's `raw` holds only 4 KiB of it
+
+
+def test_non_utf8_names_are_recorded_as_valid_utf8(tmp_path: Path) -> None:
+    intake = _intake(tmp_path)
+    raw = os.fsencode(intake.spool.inbox) + b"/bad\xff.json"
+    with open(raw, "wb") as fh:
+        fh.write(b'{"pipeline":"p"}')
+    entry = intake.spool.scan_inbox()[0]
+    result = intake.claim_and_read(entry)
+    [progress] = result.accepted
+    assert progress.job.source["file"] == "bad\\xff.json"
+    (intake.spool.inbox / "x.json").symlink_to("/etc/passwd")
+    os.symlink("/etc/passwd", os.fsencode(intake.spool.inbox) + b"/l\xfe.json")
+    for entry in intake.spool.scan_inbox():
+        intake.reject_entry(entry)
+    files = sorted(json.loads(p.read_text())["source"]["file"]
+                   for p in intake.spool.failed.glob("*.json"))
+    assert files == ["l\\xfe.json", "x.json"]
+
+
+def test_strict_json_refuses_overflow_and_huge_integers() -> None:
+    from ihld import jsonsafe
+
+    for text in ('{"a": 1e999}', '{"a": -1e400}', '{"a": ' + "7" * 4301 + "}"):
+        with pytest.raises(jsonsafe.StrictJSONError):
+            jsonsafe.loads(text)
+    assert jsonsafe.loads('{"a": 1e308, "b": ' + "7" * 4300 + "}")["a"] == 1e308
+
+
+def test_the_inflight_log_never_raises(tmp_path: Path) -> None:
+    from ihld.spool import InflightLog
+
+    log = InflightLog(Path("/dev/full"))  # every write: ENOSPC
+    log.started("j", "s")
+    log.finished("j", "s")
+    assert log.write_errors == 2
+    log.close()

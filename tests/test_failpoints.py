@@ -32,7 +32,6 @@ from benchmarks.torture import Sim, audit, finished_stages, resent_after
 from ihld import failpoints
 from tests.conftest import DaemonRig
 
-# (file name, content) in claim order; None content = a symlink to a file outside the spool
 GOOD = ["fpa0", "fpa1", "fpa2", "fpb"]
 EXPECTED_FAILED = {
     "fa.4": "invalid_schema",  # a bad line among good ones (its id is not trusted)
@@ -48,7 +47,8 @@ def debate(job_id: str) -> str:
     return json.dumps({"id": job_id, "pipeline": "debate", "input": {"topic": job_id}})
 
 
-def scenario(tmp: Path) -> list[tuple[str, str | None]]:
+def scenario() -> list[tuple[str, str | None]]:
+    """(file name, content) in claim order; None: a symlink to a file outside the spool."""
     return [
         ("link.json", None),
         ("fa.jsonl", "\n".join([
@@ -122,7 +122,7 @@ def crash_and_recover(
     sim: Sim, rig: DaemonRig, point: str, nth: int, outside: Path
 ) -> tuple[list[str], set[tuple[str, str]]]:
     """Run with the fail point until the daemon kills itself, restart, finish. Problems found."""
-    drop_all(rig.inbox, outside, scenario(rig.root))
+    drop_all(rig.inbox, outside, scenario())
     proc = rig.start(env={"IHLD_FAILPOINTS": f"{point}:sigkill@{nth}"})
     try:
         proc.wait(60)

@@ -105,7 +105,7 @@ def test_backend_outage_delays_jobs_and_only_deadlines_fail_them(
         strict.start()
         patient.wait_ready()
         strict.wait_ready()
-        wait_for(lambda: 0 < len(finished_stages(patient.spool)[0]), 30, "a first stage")
+        wait_for(lambda: len(finished_stages(patient.spool)[0]) > 0, 30, "a first stage")
         # the server goes away in the middle of the batch
         sim.stop()
         down_at = time.monotonic()
@@ -218,6 +218,7 @@ def test_full_disk_pauses_claiming_and_resumes(
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        assert '"intake_resumed"' in rig.stderr()
         expected = {f"first{n:04d}" for n in range(8)} | {f"second{n:04d}" for n in range(8)}
         problems = audit(rig.spool, expected, {})
         assert not problems, problems

@@ -33,7 +33,7 @@ def test_slots_stay_full_while_work_is_ready() -> None:
 
 
 def test_load_is_requested_before_dispatch_and_unload_after_drain() -> None:
-    sched = Scheduler(one_backend(), policy="affinity")
+    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
     sched.add(Task("j", "s1", "qwen", "qwen", ready_at=0))
     actions = sched.next_actions(0)
     assert actions == [Load("b", "qwen", "qwen")]
@@ -50,7 +50,7 @@ def test_load_is_requested_before_dispatch_and_unload_after_drain() -> None:
 
 
 def test_priority_orders_within_a_model_queue() -> None:
-    sched = Scheduler(one_backend(), policy="affinity")
+    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
     sched.add(Task("low", "s", "m", "m", priority=0, ready_at=0))
     sched.add(Task("high", "s", "m", "m", priority=5, ready_at=1))
     sched.next_actions(1)
@@ -71,12 +71,13 @@ def test_urgent_job_waits_at_most_max_wait() -> None:
     assert not trace.violations
     for stage in ("a", "b"):
         waited = trace.started[("urgent", stage)] - trace.ready_at[("urgent", stage)]
-        # the bound, plus draining the one in-flight stage and one load
-        assert waited <= 60.0 + 3.8 + 2.0 + 1e-6, (stage, waited)
+        # the bound, plus draining the in-flight stage and the one queued at the server
+        # (prefetch), and one load
+        assert waited <= 60.0 + 2 * 3.8 + 2.0 + 1e-6, (stage, waited)
 
 
 def test_backend_down_stops_dispatch_until_up() -> None:
-    sched = Scheduler(one_backend(), policy="affinity")
+    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
     sched.add(Task("j", "s", "m", "m", ready_at=0))
     sched.backend_down("b")
     assert sched.next_actions(0) == []
@@ -153,7 +154,9 @@ def test_invariants_on_random_dags(
     if policy == "fifo":
         assert all(count <= 1 for count in trace.max_inflight.values())
         return
+    # the server runs at most `slots` per model; ihld keeps at most one more queued there
     assert all(count <= slots for count in trace.max_inflight.values())
+    assert all(count <= slots + 1 for count in trace.max_outstanding.values())
     assert all(count <= max_loaded for count in trace.max_resident.values())
     # The urgent job's stages wait at most the bound, plus draining the victim's in-flight
     # stages and at most one switch already under way (two stage times, two loads), plus
@@ -164,13 +167,14 @@ def test_invariants_on_random_dags(
     for stage in urgent.stages:
         key = (urgent.id, stage.name)
         waited = trace.started[key] - trace.ready_at[key]
-        assert waited <= max_wait + 2 * longest + 2 * LOAD_S + own + 1e-6, (key, waited)
+        # (+1 stage: the request prefetched at the server ahead of it)
+        assert waited <= max_wait + 3 * longest + 2 * LOAD_S + own + 1e-6, (key, waited)
 
 
 def test_release_frees_the_slot_but_not_the_model() -> None:
     """While a finished stage is being saved, its slot serves the next task, and the model
     is not switched away before the saved stage's successor arrives."""
-    sched = Scheduler(one_backend(), policy="affinity")
+    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
     sched.add(Task("a", "s1", "qwen", "qwen", ready_at=0))
     sched.add(Task("b", "s1", "qwen", "qwen", ready_at=0))
     sched.next_actions(0)
@@ -189,7 +193,7 @@ def test_release_frees_the_slot_but_not_the_model() -> None:
 
 
 def test_task_done_is_idempotent_and_ignores_a_stale_task() -> None:
-    sched = Scheduler(one_backend(slots=2), policy="affinity")
+    sched = Scheduler(one_backend(slots=2), policy="affinity", prefetch=0)
     sched.add(Task("a", "s", "m", "m", ready_at=0))
     sched.next_actions(0)
     sched.loaded("b", "m", 0)
@@ -212,3 +216,17 @@ def test_fifo_does_not_release_early() -> None:
     assert isinstance(first, Dispatch)
     sched.release(first.task)
     assert sched.next_actions(0) == []  # job by job: b waits for a's outcome
+
+
+def test_prefetch_keeps_one_request_queued_at_the_server() -> None:
+    """With prefetch, a freed slot never waits for ihld's round trip: the next request is
+    already queued at the server, and the server still runs at most `slots` at once."""
+    trace = run(debate_jobs(20), one_backend(slots=2), prefetch=1)
+    assert trace.max_outstanding[("b", "qwen")] == 3
+    assert trace.max_inflight[("b", "qwen")] == 2
+    sched = Scheduler(one_backend(slots=1), policy="affinity", prefetch=1)
+    for n in range(3):
+        sched.add(Task(f"j{n}", "s", "m", "m", ready_at=0))
+    sched.next_actions(0)
+    sched.loaded("b", "m", 0)
+    assert [type(a) for a in sched.next_actions(0)] == [Dispatch, Dispatch]

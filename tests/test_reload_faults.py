@@ -18,8 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import DaemonRig, SimProcess, drop
 
 GOOD_PLUGIN = '''

@@ -125,6 +125,7 @@ class Engine:
                     priority=progress.job.priority,
                     job_seq=progress.seq,
                     ready_at=now,
+                    job_ready_at=progress.arrived,
                     attempt=progress.attempts.get(stage.name, 0) + 1,
                 )
             )
@@ -325,6 +326,7 @@ class Engine:
                 priority=task.priority,
                 job_seq=task.job_seq,
                 ready_at=now,
+                job_ready_at=task.job_ready_at,
                 attempt=task.attempt + 1 if counts else task.attempt,
                 not_before=now + delay,
             )

@@ -30,6 +30,7 @@ class JobProgress:
     recoveries: int = 0
     claimed_at: float = field(default_factory=_now)
     deadline_at: float | None = None  # wall-clock deadline (time.time())
+    arrived: float = field(default_factory=time.monotonic)  # for wait bounds; not persisted
 
     # -- state ------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class Task:
     priority: int = 0
     job_seq: int = 0  # arrival order of the job (fifo order)
     ready_at: float = 0.0  # when it became ready (for waits)
+    job_ready_at: float | None = None  # when its job arrived: the wait bound counts per job
     attempt: int = 1
     not_before: float = 0.0  # retry backoff: not dispatched before this time
     backend: str | None = None  # set when dispatched
@@ -60,6 +61,11 @@ class Task:
     @property
     def key(self) -> tuple[str, str]:
         return (self.job_id, self.stage)
+
+    @property
+    def waiting_since(self) -> float:
+        """For the wait bound: since its job arrived, so a job's waits add up to one bound."""
+        return self.ready_at if self.job_ready_at is None else min(self.ready_at, self.job_ready_at)
 
 
 class ModelState(Enum):
@@ -339,10 +345,13 @@ class Scheduler:
         """When to ask again even if nothing happens (backoff ends, a wait bound expires)."""
         times = [self._delayed[0][0]] if self._delayed else []
         if self.policy == "affinity":
-            for queue in self.queues.values():
+            for key, queue in self.queues.items():
                 head = queue.peek()  # in affinity order the head is the oldest of its priority
                 if head is not None:
-                    times.append(head.ready_at + self.max_wait_s)
+                    lead = max(
+                        (self._switch_lead(b, key) for b in self.backends.values()), default=0.0
+                    )
+                    times.append(head.waiting_since + self.max_wait_s - lead)
                     if self.fair_wait_s is not None:
                         times.append(head.ready_at + self.fair_wait_s)
         future = [t for t in times if t > now]
@@ -400,9 +409,23 @@ class Scheduler:
             if resident.state is not ModelState.LOADED:
                 continue
             queue = self.queues.get(resident.key)
+            while queue is not None and len(queue) and resident.inflight < backend.slots:
+                self._dispatch(backend, queue, actions)
+            # Prefetch only work at least as urgent as what runs: an urgent job's next
+            # stage (elsewhere) must not wait behind a prefetched batch request.
             depth = backend.slots + self.prefetch
             while queue is not None and len(queue) and resident.inflight < depth:
+                head = queue.peek()
+                if head is None or head.priority < self._top_inflight(backend, resident.key):
+                    break
                 self._dispatch(backend, queue, actions)
+
+    def _top_inflight(self, backend: BackendSlots, key: str) -> int:
+        top = -(2**62)
+        for task in self.inflight.values():
+            if task.backend == backend.name and task.model_key == key and not task.released:
+                top = max(top, task.priority)
+        return top
 
     def _served_priority(self, backend: BackendSlots) -> int | None:
         """The best priority the backend's resident models have ready or in flight."""
@@ -417,14 +440,32 @@ class Scheduler:
                 best = task.priority if best is None else max(best, task.priority)
         return best
 
-    def _overdue(self, queue: ModelQueue, served: int | None, now: float) -> bool:
-        head = queue.peek()
+    def _overdue(self, key: str, backend: BackendSlots, served: int | None, now: float) -> bool:
+        """Must the backend switch to ``key`` now to keep its wait bound?
+
+        Work of higher priority than what the backend serves may wait
+        ``max_wait_s`` from its job's arrival, *including* the switch itself
+        (draining what the backend has outstanding, then the load), so the
+        switch starts that much earlier.
+        """
+        head = self.queues[key].peek()
         if head is None:
             return False
-        waited = now - head.ready_at  # the head is the oldest task of the top priority
-        if served is not None and head.priority > served and waited >= self.max_wait_s:
-            return True
-        return self.fair_wait_s is not None and waited >= self.fair_wait_s
+        if served is not None and head.priority > served:
+            waited = now - head.waiting_since
+            if waited + self._switch_lead(backend, key) >= self.max_wait_s:
+                return True
+        return self.fair_wait_s is not None and now - head.ready_at >= self.fair_wait_s
+
+    def _switch_lead(self, backend: BackendSlots, key: str) -> float:
+        """How long a switch to ``key`` takes on ``backend``: drain the busiest resident, load."""
+        drain = 0.0
+        for resident in backend.resident.values():
+            if resident.key == key:
+                return 0.0
+            rounds = -(-(resident.inflight + resident.finishing) // backend.slots)
+            drain = max(drain, rounds * self.costs.service_s(resident.key))
+        return drain + self.costs.load_s(key)
 
     def _candidates(self, backend: BackendSlots) -> list[str]:
         """Models with ready work that this backend could load."""
@@ -467,7 +508,7 @@ class Scheduler:
         ):
             return  # a switch is already under way
         served = self._served_priority(backend)
-        overdue = {k for k in candidates if self._overdue(self.queues[k], served, now)}
+        overdue = {k for k in candidates if self._overdue(k, backend, served, now)}
 
         def pressing(key: str) -> tuple[bool, int, float]:
             """Overdue first, then priority, then waiting plus ready work, in seconds.
@@ -479,7 +520,7 @@ class Scheduler:
             head = queue.peek()
             assert head is not None
             work = len(queue) * self.costs.service_s(key) / backend.slots
-            return (key in overdue, head.priority, work + (now - head.ready_at))
+            return (key in overdue, head.priority, work + (now - head.waiting_since))
 
         target = max(candidates, key=pressing)
         if len(backend.resident) < backend.max_loaded:

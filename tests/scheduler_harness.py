@@ -11,7 +11,16 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from ihld.scheduler import BackendSlots, Dispatch, Load, ModelState, Scheduler, Task, Unload
+from ihld.scheduler import (
+    BackendSlots,
+    Dispatch,
+    FixedCosts,
+    Load,
+    ModelState,
+    Scheduler,
+    Task,
+    Unload,
+)
 
 
 @dataclass
@@ -53,6 +62,7 @@ def run(
     max_wait_s: float = 600.0,
     max_events: int = 200_000,
     prefetch: int = 1,
+    service_estimate: float = 5.0,
 ) -> Trace:
     """Drive the scheduler; the server runs at most ``slots`` requests per model at once
     and queues the rest FIFO, as Ollama's per-model semaphore does."""
@@ -61,6 +71,7 @@ def run(
         policy=policy,
         max_wait_s=max_wait_s,  # type: ignore[arg-type]
         prefetch=prefetch,
+        costs=FixedCosts(load=load_s, service=service_estimate),
     )
     slots = {b.name: b.slots for b in backends}
     trace = Trace()
@@ -99,6 +110,7 @@ def run(
                         priority=job.priority,
                         job_seq=jobs.index(job),
                         ready_at=now,
+                        job_ready_at=job.arrival,
                     )
                 )
 

@@ -67,13 +67,14 @@ def test_urgent_job_waits_at_most_max_wait() -> None:
         priority=10,
         arrival=100.0,
     )
-    trace = run([*jobs, urgent], one_backend(), max_wait_s=60.0)
+    trace = run([*jobs, urgent], one_backend(), max_wait_s=60.0, service_estimate=3.8)
     assert not trace.violations
-    for stage in ("a", "b"):
-        waited = trace.started[("urgent", stage)] - trace.ready_at[("urgent", stage)]
-        # the bound, plus draining the in-flight stage and the one queued at the server
-        # (prefetch), and one load
-        assert waited <= 60.0 + 2 * 3.8 + 2.0 + 1e-6, (stage, waited)
+    # the whole job: one bound from its arrival (the switches fit inside it), then its own
+    # work (two stages, two loads); the second stage does not wait a second bound
+    latency = trace.finished[("urgent", "b")] - urgent.arrival
+    assert latency <= 60.0 + 2 * (3.8 + 2.0) + 1e-6, latency
+    # and not much sooner: affinity did keep the batch going for most of the bound
+    assert latency >= 60.0 - 2 * 3.8 - 2 * 2.0, latency
 
 
 def test_backend_down_stops_dispatch_until_up() -> None:
@@ -158,17 +159,14 @@ def test_invariants_on_random_dags(
     assert all(count <= slots for count in trace.max_inflight.values())
     assert all(count <= slots + 1 for count in trace.max_outstanding.values())
     assert all(count <= max_loaded for count in trace.max_resident.values())
-    # The urgent job's stages wait at most the bound, plus draining the victim's in-flight
-    # stages and at most one switch already under way (two stage times, two loads), plus
-    # the urgent job's own work elsewhere (its other stages, each maybe with a load).
+    # The urgent job finishes within the bound (counted from its arrival, switches
+    # included) plus its own work, plus slack for the scheduler's cost estimates: the
+    # harness's stage times vary (0.1-10 s) around the 5 s the scheduler assumes.
     longest = max(s.service for job in jobs for s in job.stages)
     urgent = jobs[-1]
     own = sum(s.service + LOAD_S for s in urgent.stages)
-    for stage in urgent.stages:
-        key = (urgent.id, stage.name)
-        waited = trace.started[key] - trace.ready_at[key]
-        # (+1 stage: the request prefetched at the server ahead of it)
-        assert waited <= max_wait + 3 * longest + 2 * LOAD_S + own + 1e-6, (key, waited)
+    latency = max(trace.finished[(urgent.id, s.name)] for s in urgent.stages) - urgent.arrival
+    assert latency <= max_wait + own + 3 * longest + 2 * LOAD_S + 1e-6, latency
 
 
 def test_release_frees_the_slot_but_not_the_model() -> None:

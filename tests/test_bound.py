@@ -129,9 +129,9 @@ def test_debate_costs_follow_the_simulator() -> None:
     proposer, critic, judge = costs[0].stages
     assert (proposer.model, critic.model, judge.model) == ("qwen2.5:7b", "gemma2:9b", "qwen2.5:7b")
     assert critic.needs == ("proposer",) and judge.needs == ("critic",)
-    # Prose answers are 300 tokens +-20 %; the judge answers a short JSON verdict.
+    # Answers are 300 tokens +-20 %, the judge's JSON verdict too (its reason carries them).
     assert 240 <= proposer.output_tokens <= 360 and 240 <= critic.output_tokens <= 360
-    assert judge.output_tokens < 60
+    assert 230 <= judge.output_tokens <= 370
     # The critic reads the proposer's ~300 words, the judge both answers.
     assert critic.prompt_tokens > proposer.prompt_tokens + 200
     assert judge.prompt_tokens > critic.prompt_tokens + 200

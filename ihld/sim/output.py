@@ -85,15 +85,19 @@ def request_key(model: str, content: Any, fmt: Any, seed: Any) -> bytes:
 def plan_output(key: bytes, *, mean_tokens: int, fmt: Any, num_predict: int | None) -> Output:
     """Tokens for a request: prose around ``mean_tokens`` (±20 %), or JSON for ``format``.
 
+    JSON answers are as long as prose ones: the first free-text string field
+    carries the words, so a structured reply (a verdict with a reason) costs
+    what a real model's would, not a handful of tokens.
+
     ``num_predict`` > 0 cuts the answer there with done_reason "length", as
     Ollama does (JSON cut this way is left invalid, as it is in Ollama).
     """
     stream = _Stream(key)
+    count = max(1, round(mean_tokens * (0.8 + 0.4 * stream.unit())))
     if fmt is None or fmt == "":
-        count = max(1, round(mean_tokens * (0.8 + 0.4 * stream.unit())))
         tokens = list(_prose(stream, count))
     else:
-        tokens = _json_tokens(_json_text(stream, fmt))
+        tokens = _json_tokens(_json_text(stream, fmt, count))
     if num_predict is not None and 0 < num_predict < len(tokens):
         return Output(tuple(tokens[:num_predict]), "length")
     return Output(tuple(tokens), "stop")
@@ -119,12 +123,39 @@ def _json_tokens(text: str) -> list[str]:
     return [text[i : i + 4] for i in range(0, len(text), 4)] or [""]
 
 
-def _json_text(stream: _Stream, fmt: Any) -> str:
+def _json_text(stream: _Stream, fmt: Any, budget: int) -> str:
     if isinstance(fmt, Mapping):
         value = _from_schema(stream, fmt, fmt, _JSON_DEPTH)
+        field = _free_text_field(fmt, fmt, value)
     else:
-        value = {"response": stream.words(8)}
-    return json.dumps(value, ensure_ascii=False)
+        value = {"response": ""}
+        field = "response"
+    text = json.dumps(value, ensure_ascii=False)
+    if field is not None:
+        missing = budget - len(_json_tokens(text))
+        if missing > 0:  # a word and its space are about 1.5 four-character tokens
+            value[field] = ((value[field] + " ") if value[field] else "") + stream.words(
+                max(1, round(missing / 1.5))
+            )
+            text = json.dumps(value, ensure_ascii=False)
+    return text
+
+
+def _free_text_field(schema: Mapping[str, Any], root: Mapping[str, Any], value: Any) -> str | None:
+    """The first top-level string property without enum, pattern, format or maxLength."""
+    if not isinstance(value, dict):
+        return None
+    properties = _resolve(schema, root).get("properties") or {}
+    for name, sub in properties.items():
+        if not isinstance(sub, Mapping) or name not in value:
+            continue
+        sub = _resolve(sub, root)
+        if _schema_type(sub) != "string" or not isinstance(value[name], str):
+            continue
+        if any(k in sub for k in ("enum", "const", "pattern", "format", "maxLength")):
+            continue
+        return str(name)
+    return None
 
 
 def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from ihld.bench.metrics import StageSpan, job_times, measure, percentile, slot_occupancy
+from ihld.bench.metrics import (
+    StageSpan,
+    cost_check,
+    job_times,
+    measure,
+    percentile,
+    sim_slowdown,
+    slot_occupancy,
+)
 from ihld.bench.report import render, table
 from ihld.bench.runner import config_text
 from ihld.bench.workloads import workload
@@ -60,6 +68,7 @@ def test_seed_bench_end_to_end() -> None:
         assert 0 < row["slot_occupancy"] <= 1.0
         assert row["jobs_per_min"] == pytest.approx(jobs / (row["makespan_s"] / 60))
         assert row["machine"]["nproc"] >= 1
+        assert isinstance(row["sim_slowdown"], float)  # one slot: the sim's lateness is known
     fifo, affinity = rows
     assert fifo["lower_bound_s"] == affinity["lower_bound_s"]
     assert fifo["loads"] >= 2 * jobs  # qwen -> gemma -> qwen, job by job
@@ -163,6 +172,26 @@ def test_measure_uses_claims_for_batches_and_drops_for_arrivals() -> None:
     assert m.jobs_per_min == pytest.approx(2 / 0.5)
     timed = measure(events, [], job_ids=["a"], speed=10.0, capacity=1, arrivals={"a": 1_000_000.5})
     assert timed.latencies_s == pytest.approx({"a": 35.0}) and timed.done == 1
+
+
+def test_cost_check_and_sim_slowdown_read_the_servers_own_figures() -> None:
+    results = [
+        {
+            "id": "j",
+            "stages": [
+                {"name": "a", "prompt_eval_count": 10, "eval_count": 30,
+                 "prompt_eval_duration": 5_000_000, "eval_duration": 15_000_000},
+                {"name": "b", "prompt_eval_count": 7, "eval_count": 3,
+                 "prompt_eval_duration": 1_000_000, "eval_duration": 1_000_000},
+            ],
+        }
+    ]  # fmt: skip
+    predicted = {("j", "a"): (10, 30), ("j", "b"): (7, 4)}
+    assert cost_check(results, predicted) == {"stages": 2, "mismatched": 1}
+    # 22 ms of slot time at x100 = 2.2 s, against 2.0 s modelled: 10 % slower.
+    modelled = {("j", "a"): 1.8, ("j", "b"): 0.2}
+    assert sim_slowdown(results, modelled, 100.0) == pytest.approx(0.1)
+    assert sim_slowdown([], modelled, 100.0) is None
 
 
 def test_table_is_markdown() -> None:

@@ -183,6 +183,29 @@ def measure(
     )
 
 
+def sim_slowdown(
+    results: Iterable[Mapping[str, Any]], modelled: Mapping[tuple[str, str], float], speed: float
+) -> float | None:
+    """How much longer stages held their slot than the cost model says (one-slot servers).
+
+    Each stage's slot time is the simulator's own ``prompt_eval_duration +
+    eval_duration`` (x speed); ``modelled`` is its one-slot service time.
+    The simulator wakes up late by up to a timer tick per phase, a fixed real
+    cost that grows with the speed factor: this separates that from the
+    scheduler's own losses. Only meaningful when one request runs at a time.
+    """
+    real = model = 0.0
+    for result in results:
+        for stage in result.get("stages", []):
+            key = (str(result.get("id")), str(stage.get("name")))
+            if key not in modelled or "eval_duration" not in stage:
+                continue
+            held = stage.get("prompt_eval_duration", 0) + stage.get("eval_duration", 0)
+            real += held / 1e9 * speed
+            model += modelled[key]
+    return real / model - 1.0 if model > 0 else None
+
+
 def cost_check(
     results: Iterable[Mapping[str, Any]], predicted: Mapping[tuple[str, str], tuple[int, int]]
 ) -> dict[str, int]:

@@ -22,11 +22,13 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from ihld.errors import IhldError
+
 IHLD = [sys.executable, "-m", "ihld"]
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 
-class BenchError(Exception):
+class BenchError(IhldError):
     """A bench run could not be carried out (a child did not start, a run timed out)."""
 
 
@@ -119,7 +121,7 @@ class DaemonProcess:
     def __init__(self, config: Path, *, once: bool, log: Path, cprofile: bool = False) -> None:
         args = [*IHLD, "run", "--config", str(config), *(["--once"] if once else [])]
         if cprofile:  # the profile is written when the daemon exits (SIGTERM is graceful)
-            args[1:1] = ["cProfile", "-o", str(log.with_name("daemon.prof")), "-m"]
+            args[2:2] = ["cProfile", "-o", str(log.with_name("daemon.prof")), "-m"]
         self.log = log
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(

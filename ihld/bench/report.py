@@ -146,6 +146,12 @@ def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"{_num(over['unpoked_p50_ms'], '.1f')} ms, "
                 f"p99 {_num(over['unpoked_p99_ms'], '.1f')} ms"
             )
+        slow = row.get("sim_slowdown")
+        if slow is not None and slow > 0.01:
+            out.append(
+                f"{tag}: the simulator held slots {100 * slow:.1f} % longer than its cost model "
+                f"(timer lateness, a fixed real cost per request, x{row['speed']:g})"
+            )
         check = row.get("cost_check")
         if check and check["mismatched"]:
             out.append(

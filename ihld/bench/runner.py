@@ -28,7 +28,7 @@ from typing import Any
 
 from ihld.bench.bound import Bound, Server, critical_path_s, lower_bound, ratio
 from ihld.bench.costs import JobCost, job_costs
-from ihld.bench.metrics import Measured, cost_check, measure
+from ihld.bench.metrics import Measured, cost_check, measure, sim_slowdown
 from ihld.bench.procs import BenchError, DaemonProcess, SimProcess, wait_for
 from ihld.bench.workloads import Workload
 from ihld.config import Config, parse_config
@@ -321,6 +321,7 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
     predicted = {
         (j.id, s.name): (s.prompt_tokens, s.output_tokens) for j in plan.costs for s in j.stages
     }
+    service = {(j.id, s.name): s.service_s for j in plan.costs for s in j.stages}
     out: dict[str, Any] = {
         "workload": workload.name,
         "policy": policy,
@@ -346,6 +347,9 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         "bound_terms": plan.bound.terms,
         "max_queue_wait_s": {str(p): w for p, w in sorted(measured.max_wait_s.items())},
         "cost_check": cost_check(record.results, predicted),
+        "sim_slowdown": sim_slowdown(record.results, service, opts.speed)
+        if workload.slots == 1
+        else None,
         "wall_s": record.wall_s,
         "daemon_cpu_s": record.daemon_cpu_s,
         "sim_cpu_s": record.sim_cpu_s,

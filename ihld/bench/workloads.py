@@ -165,7 +165,7 @@ def _three_models(jobs: int | None, seed: int) -> Workload:
     )
 
 
-STREAM_MEAN_GAP_S = 12.0  # one debate job every 12 simulated seconds on average (5 jobs/min)
+STREAM_MEAN_GAP_S = 16.0  # one debate job every 16 simulated seconds on average (3.75/min)
 STREAM_URGENT_SHARE = 0.2  # a fifth of the jobs have priority 5
 STREAM_MAX_WAIT_S = 120.0
 
@@ -202,8 +202,8 @@ URGENT_DROP_FRACTION = 0.4  # of the batch's lower bound: well inside the run
 def _urgent(jobs: int | None, seed: int) -> Workload:
     n = jobs or 300
     batch = tuple(debate_job(i) for i in range(n))
-    # ~8.6 s of one-slot work per debate job on laptop-6gb: drop it 40 % into the batch.
-    at = URGENT_DROP_FRACTION * n * 8.6
+    # ~11.8 s of one-slot work per debate job on laptop-6gb: drop it 40 % into the batch.
+    at = URGENT_DROP_FRACTION * n * 11.8
     urgent = debate_job(n, "urgent", priority=10)
     return Workload(
         name="urgent",

@@ -400,8 +400,8 @@ class Daemon:
             await self.engine.expire_deadlines()
 
     async def _status_loop(self) -> None:
-        while True:
-            self.notifier.status(summary_line(self.snapshot()))
+        while True:  # the summary needs no spool counts: no directory listing every 2 s
+            self.notifier.status(summary_line(snapshot(self.engine)))
             await asyncio.sleep(2.0)
 
     async def _once_loop(self) -> None:

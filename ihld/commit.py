@@ -28,7 +28,7 @@ from typing import Any, Literal
 import structlog
 
 from ihld import failpoints
-from ihld.spool import Spool, encode_record, sync_data, write_unsynced
+from ihld.spool import Spool, encode_record, link_free, sync_data, write_unsynced
 
 log = structlog.get_logger("ihld.commit")
 
@@ -92,7 +92,8 @@ class GroupCommitter:
         if self._task is None:
             raise RuntimeError("GroupCommitter.start() was not called")
         future: asyncio.Future[Path | None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(kind, name, encode_record(record), future))
+        data = encode_record(record, compact=kind == "checkpoint")
+        self._pending.append(_Write(kind, name, data, future))
         self._wake.set()
         return await asyncio.shield(future)
 
@@ -167,14 +168,14 @@ class GroupCommitter:
             os.rename(write.tmp, target)
             write.tmp = None
             return target
-        for n in range(1, 10_000):
-            name = write.name if n == 1 else f"{write.name}~{n}"
-            target = directory / f"{name}.json"
+        if write.kind == "result":  # never overwrite a result: it was published before
+            target = directory / f"{write.name}.json"
             try:
                 os.link(write.tmp, target)
             except FileExistsError:
-                if write.kind == "result":
-                    return None  # never overwrite a result: it was published before
-                continue
+                return None
             return target
+        found = link_free(write.tmp, directory, write.name)
+        if found is not None:
+            return found
         raise OSError(f"no free name for failure record {write.name}")

@@ -28,9 +28,7 @@ import contextlib
 import itertools
 import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -462,19 +460,3 @@ class Daemon:
 
 async def run_daemon(config_path: str | None, *, once: bool = False) -> int:
     return await Daemon(config_path, once=once).run()
-
-
-@contextlib.asynccontextmanager
-async def daemon_task(config_path: str | None) -> AsyncIterator[Daemon]:
-    """Run a daemon in this event loop (tests, demo); stop it on exit."""
-    daemon = Daemon(config_path)
-    task = asyncio.create_task(daemon.run())
-    try:
-        yield daemon
-    finally:
-        daemon.stop.set()
-        await task
-
-
-def spool_dir(config_path: str | None) -> Path:
-    return load_config(config_path).spool.dir

@@ -146,6 +146,8 @@ def loads(text: str) -> Any:
     return value
 
 
-def dumps(value: Any) -> str:
-    """Serialise for result files: strict (no NaN), UTF-8 safe."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2, sort_keys=False)
+def dumps(value: Any, *, compact: bool = False) -> str:
+    """Serialise strictly (no NaN); indented for people unless ``compact``."""
+    if compact:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2)

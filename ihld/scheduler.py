@@ -194,9 +194,6 @@ class ModelQueue:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def tasks(self) -> Iterable[Task]:
-        return (entry[3] for entry in self._heap if entry[2] not in self._removed)
-
 
 @dataclass
 class SchedulerStats:
@@ -337,9 +334,6 @@ class Scheduler:
 
     def queue_depths(self) -> dict[str, int]:
         return {key: len(q) for key, q in self.queues.items() if len(q)}
-
-    def is_idle(self) -> bool:
-        return not self.inflight and self.ready_count() == 0
 
     def next_wakeup(self, now: float) -> float | None:
         """When to ask again even if nothing happens (backoff ends, a wait bound expires)."""

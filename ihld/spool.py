@@ -49,19 +49,16 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_temp(directory: Path, stem: str, data: bytes) -> Path:
     """Write ``data`` to a new dotted temp file in ``directory`` and fsync it."""
-    tmp = directory / f".{stem}.{os.getpid()}.{next(_seq)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    tmp = write_unsynced(directory, stem, data)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    os.close(fd)
     return tmp
 
 
@@ -103,8 +100,27 @@ def write_unsynced(directory: Path, stem: str, data: bytes) -> Path:
     return tmp
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    return (jsonsafe.dumps(record) + "\n").encode("utf-8")
+def encode_record(record: dict[str, Any], *, compact: bool = False) -> bytes:
+    """Results are indented for people; checkpoints, rewritten after every stage, are
+    compact (the indenting encoder is three times slower)."""
+    return (jsonsafe.dumps(record, compact=compact) + "\n").encode("utf-8")
+
+
+def link_free(
+    tmp: Path, directory: Path, name: str, suffix: str = ".json", *, first: int = 1
+) -> Path | None:
+    """Hard-link ``tmp`` to ``name{suffix}``, else ``name~2{suffix}``, ``~3`` … (never clobbers).
+
+    ``first=2`` skips the bare name. None only if 10,000 names are taken.
+    """
+    for n in range(first, 10_000):
+        target = directory / (f"{name}{suffix}" if n == 1 else f"{name}~{n}{suffix}")
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            continue
+        return target
+    return None
 
 
 @dataclass(frozen=True)
@@ -365,7 +381,7 @@ class Spool:
 
     def save_checkpoint(self, job_id: str, record: dict[str, Any], *, create: bool = False) -> bool:
         """Write a job's checkpoint atomically. ``create``: never overwrite (False if it exists)."""
-        data = encode_record(record)
+        data = encode_record(record, compact=True)
         tmp = _write_temp(self.jobs, job_id, data)
         target = self.jobs / f"{job_id}.json"
         try:
@@ -390,7 +406,10 @@ class Spool:
         """Create many new checkpoints with one data flush; False where one already existed."""
         if not records:
             return []
-        tmps = [write_unsynced(self.jobs, job_id, encode_record(r)) for job_id, r in records]
+        tmps = [
+            write_unsynced(self.jobs, job_id, encode_record(r, compact=True))
+            for job_id, r in records
+        ]
         created = []
         try:
             sync_data(self.root, tmps)
@@ -458,17 +477,12 @@ class Spool:
         stem, dot, suffix = name.partition(".")
         tmp = _write_temp(self.outbox, stem, data)
         try:
-            for n in range(1, 10_000):
-                target = self.outbox / (name if n == 1 else f"{stem}~{n}{dot}{suffix}")
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    continue
-                _fsync_dir(self.outbox)
-                return target
+            target = link_free(tmp, self.outbox, stem, dot + suffix)
         finally:
             tmp.unlink(missing_ok=True)
-        return None
+        if target is not None:
+            _fsync_dir(self.outbox)
+        return target
 
     def publish_result(self, job_id: str, record: dict[str, Any]) -> Path | None:
         return self.publish(self.outbox, job_id, record)
@@ -478,12 +492,17 @@ class Spool:
 
         ``first=2``: the bare name belongs to another job (a duplicate id), start at ``~2``.
         """
-        for n in range(first, 10_000):
-            candidate = name if n == 1 else f"{name}~{n}"
-            path = self.publish(self.failed, candidate, record)
-            if path is not None:
-                return path
-        raise SpoolError(f"cannot find a free name for failure record {name}")
+        tmp = _write_temp(self.failed, name, encode_record(record))
+        try:
+            failpoints.hit("failure.before_publish")
+            target = link_free(tmp, self.failed, name, first=first)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if target is None:
+            raise SpoolError(f"cannot find a free name for failure record {name}")
+        failpoints.hit("failure.after_publish")
+        _fsync_dir(self.failed)
+        return target
 
     def is_finished(self, job_id: str) -> bool:
         """True if this job's own result or failure record is published.

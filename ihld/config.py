@@ -60,6 +60,7 @@ class SchedulerConfig(_Strict):
     fair_wait_s: float | None = Field(default=None, gt=0)  # bound for all work (off)
     fifo_workers: int = Field(default=1, ge=1)  # concurrent jobs under fifo (the seed had 1)
     prefetch: int = Field(default=1, ge=0, le=64)  # requests queued at the server beyond slots
+    reconcile_s: float = Field(default=5.0, gt=0)  # read the servers' resident models
 
 
 class PluginsConfig(_Strict):

@@ -433,18 +433,9 @@ class Daemon:
             log.error("reload_failed", error=str(exc))
             self.notifier.ready(status=f"reload failed, old config kept: {exc}".splitlines()[0])
             return
-        restart_needed = []
-        if config.spool.dir != self.config.spool.dir:
-            restart_needed.append("spool.dir")
-        if config.backends != self.config.backends:
-            restart_needed.append("backends")
-        if config.scheduler.policy != self.config.scheduler.policy:
-            restart_needed.append("scheduler.policy")
-        self.config = config
+        restart_needed = self.engine.apply_config(config)
+        self.config = self.engine.config  # what is in force: restart-only keys keep old values
         self.host = host
-        self.engine.config = config
-        self.engine.scheduler.max_wait_s = config.scheduler.max_wait_s
-        self.engine.scheduler.fair_wait_s = config.scheduler.fair_wait_s
         self.intake.resolver = make_resolver(host)
         self.intake.max_bytes = config.limits.max_job_bytes
         self.intake.deadline_s = config.limits.job_deadline_s
@@ -455,6 +446,8 @@ class Daemon:
             plugins=[p["name"] for p in host.describe()],
             restart_needed=restart_needed or None,
         )
+        if restart_needed:
+            log.warning("reload_partial", kept_until_restart=restart_needed)
         self.notifier.ready(status=summary_line(self.snapshot()))
 
 

@@ -23,21 +23,31 @@ import structlog
 
 from ihld.actors import Actor, StageContext
 from ihld.backends.base import Backend, BackendError
+from ihld.backoff import Backoff, backoff_delay
 from ihld.commit import GroupCommitter
-from ihld.config import Config
-from ihld.executor import BackendDown, Outcome, StageDone, StageFailed, StageRetry, run_stage
+from ihld.config import BackendConfig, Config
+from ihld.executor import (
+    ModelUnusable,
+    Outcome,
+    StageDone,
+    StageFailed,
+    StageRetry,
+    Transient,
+    run_stage,
+)
 from ihld.figures import LearnedCosts, ModelFigures
+from ihld.jobs import RUNNER_OPTIONS
+from ihld.parallelism import ParallelWatch
 from ihld.progress import JobProgress
-from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
+from ihld.scheduler import Action, BackendSlots, Dispatch, Drop, Load, Scheduler, Task, Unload
 from ihld.spool import InflightLog, Spool
 
 log = structlog.get_logger("ihld")
 
 Notify = Callable[..., Coroutine[Any, Any, None]]
 
-# Errors that mean "this server does not have that model": another backend may.
-MISSING_MODEL = frozenset({"model_not_found", "model_not_allowed"})
-
+# Transient failures of one stage back off from this, doubling, up to the cap.
+TRANSIENT_BACKOFF = (0.5, 30.0)
 
 @dataclass
 class Counters:
@@ -67,6 +77,9 @@ class Engine:
         inflight_log: InflightLog | None = None,
     ) -> None:
         self.config = config
+        # Backends are fixed for the daemon's life (a change needs a restart), so a
+        # reload can never leave a running task without its backend's settings.
+        self.backend_configs: dict[str, BackendConfig] = {b.name: b for b in config.backends}
         self.spool = spool
         self.backends = dict(backends)
         self.actors = actors
@@ -99,10 +112,37 @@ class Engine:
         self._actions: set[asyncio.Task[None]] = set()
         self.committer = GroupCommitter(spool)
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._requests: dict[tuple[str, str], asyncio.Task[Any]] = {}  # stages waiting on a server
+        self._reconciler: asyncio.Task[None] | None = None
+        self.parallel = ParallelWatch()
         self._observers: set[asyncio.Task[None]] = set()
         self._dispatching = True
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def apply_config(self, config: Config) -> list[str]:
+        """Take a reloaded config: what can change live does; returns the keys that need a restart.
+
+        Backends, the policy and the spool keep their old values until a restart.
+        """
+        restart = []
+        if config.spool.dir != self.config.spool.dir:
+            restart.append("spool.dir")
+        if config.backends != self.config.backends:
+            restart.append("backends")
+        if config.scheduler.policy != self.config.scheduler.policy:
+            restart.append("scheduler.policy")
+        scheduler = config.scheduler.model_copy(update={"policy": self.config.scheduler.policy})
+        self.config = config.model_copy(
+            update={"backends": self.config.backends, "spool": self.config.spool,
+                    "scheduler": scheduler}
+        )
+        self.scheduler.max_wait_s = scheduler.max_wait_s
+        self.scheduler.fair_wait_s = scheduler.fair_wait_s
+        self.scheduler.prefetch = scheduler.prefetch
+        self.scheduler.fifo_workers = scheduler.fifo_workers
+        self.kick()
+        return restart
 
     # -- jobs in ----------------------------------------------------------------
 
@@ -127,6 +167,7 @@ class Engine:
                     ready_at=now,
                     job_ready_at=progress.arrived,
                     attempt=progress.attempts.get(stage.name, 0) + 1,
+                    options={k: v for k, v in stage.options.items() if k in RUNNER_OPTIONS},
                 )
             )
 
@@ -148,6 +189,7 @@ class Engine:
     async def run(self) -> None:
         """Dispatch until ``stop_dispatching``; actions started keep running."""
         self.committer.start()
+        self._reconciler = asyncio.create_task(self._reconcile_loop())
         while self._dispatching:
             self._kick.clear()
             now = time.monotonic()
@@ -161,13 +203,16 @@ class Engine:
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
 
-    def _spawn(self, action: Dispatch | Load | Unload) -> None:
+    def _spawn(self, action: Action) -> None:
+        coro: Coroutine[Any, Any, None]
         if isinstance(action, Dispatch):
             coro = self._run_task(action.task)
         elif isinstance(action, Load):
             coro = self._load(action)
-        else:
+        elif isinstance(action, Unload):
             coro = self._unload(action)
+        else:
+            coro = self._drop(action)
         task = asyncio.create_task(coro)
         self._actions.add(task)
         task.add_done_callback(self._action_done)
@@ -193,8 +238,9 @@ class Engine:
         """
         self._dispatching = False
         self.kick()
-        for probe in self._probes.values():
-            probe.cancel()
+        for probe in [*self._probes.values(), self._reconciler]:
+            if probe is not None:
+                probe.cancel()
         if self._actions:
             _done, pending = await asyncio.wait(set(self._actions), timeout=grace_s)
         else:
@@ -211,12 +257,33 @@ class Engine:
     # -- stages ---------------------------------------------------------------------
 
     async def _run_task(self, task: Task) -> None:
+        """One dispatched stage; the slot is released and the task forgotten on every path."""
         progress = self.jobs.get(task.job_id)
-        if progress is None:  # the job ended (deadline, failure) while this waited
-            self.scheduler.task_done(task)
-            return
+        outcome: Outcome | None = None
+        shutting_down = False
+        try:
+            if progress is not None:  # else the job ended (deadline, failure) while this waited
+                outcome = await self._attempt(task, progress)
+        except asyncio.CancelledError:
+            shutting_down = progress is not None and self.jobs.get(task.job_id) is progress
+            if shutting_down:
+                raise  # stop: the stage was not checkpointed and re-runs after a restart
+            # else its job ended while the request ran: nothing to apply
+        finally:
+            self.scheduler.release(task)  # the slot can serve the next request while we save
+            self.kick()
+            if outcome is None and not shutting_down:
+                if self.inflight_log is not None and progress is not None:
+                    self.inflight_log.finished(task.job_id, task.stage)
+                self.scheduler.task_done(task)
+        if outcome is not None and progress is not None:
+            await asyncio.shield(self._apply(task, progress, outcome))
+
+    async def _attempt(self, task: Task, progress: JobProgress) -> Outcome:
+        """Send one stage to its backend; cancellable while it waits on the server."""
         stage = progress.job.stage(task.stage)
         backend = self.backends[task.backend or ""]
+        cfg = self.backend_configs[backend.name]
         structlog.contextvars.bind_contextvars(
             job_id=task.job_id, stage=task.stage, model=stage.model, backend=backend.name
         )
@@ -225,33 +292,44 @@ class Engine:
         if self.inflight_log is not None:
             self.inflight_log.started(task.job_id, task.stage)
         log.debug("stage_started", attempt=task.attempt, queue_s=round(queued_s, 6))
-        outcome: Outcome
         if actor is None:
-            outcome = StageFailed("unknown_actor", f"actor {stage.actor!r} is not registered")
-        else:
-            ctx = StageContext(
-                job_id=task.job_id,
-                input=progress.job.input,
-                stage=stage,
-                outputs=MappingProxyType(progress.outputs),
-                attempt=task.attempt,
-            )
-            keep_alive = (
-                self._backend_config(backend.name).keep_alive
-                if self.scheduler.policy == "affinity"
-                else None
-            )
-            outcome = await run_stage(
+            return StageFailed("unknown_actor", f"actor {stage.actor!r} is not registered")
+        ctx = StageContext(
+            job_id=task.job_id,
+            input=progress.job.input,
+            stage=stage,
+            outputs=MappingProxyType(progress.outputs),
+            attempt=task.attempt,
+        )
+        keep_alive = cfg.keep_alive if self.scheduler.policy == "affinity" else None
+        current = asyncio.current_task()
+        if current is not None:
+            self._requests[task.key] = current
+        try:
+            return await run_stage(
                 actor=actor,
                 ctx=ctx,
                 backend=backend,
                 keep_alive=keep_alive,
                 timeout_s=self.config.limits.stage_timeout_s,
                 queued_s=queued_s,
+                first_byte_s=self._first_byte_s(task, cfg),
             )
-        self.scheduler.release(task)  # the slot can serve the next request while we save
-        self.kick()
-        await asyncio.shield(self._apply(task, progress, outcome))
+        finally:
+            self._requests.pop(task.key, None)
+
+    def _first_byte_s(self, task: Task, cfg: BackendConfig) -> float:
+        """How long the server may hold a request before its first byte.
+
+        A request sent beyond the slots (prefetch) waits at the server for a slot,
+        and a first request may wait for a load: ``read_timeout_s`` (meant for
+        gaps between chunks) plus twice the learned load and the service of the
+        requests ahead of it.
+        """
+        costs = self.scheduler.costs
+        rounds = 1 + -(-self.scheduler.prefetch // max(1, cfg.slots))
+        ahead = costs.load_s(task.model_key) + rounds * costs.service_s(task.model_key)
+        return cfg.read_timeout_s + 2 * ahead
 
     async def _apply(self, task: Task, progress: JobProgress, outcome: Outcome) -> None:
         try:
@@ -259,17 +337,14 @@ class Engine:
                 return
             if isinstance(outcome, StageDone):
                 await self._stage_done(task, progress, outcome)
-            elif isinstance(outcome, BackendDown):
-                progress.event(
-                    "stage_interrupted",
-                    stage=task.stage,
-                    backend=task.backend,
-                    reason=outcome.message,
+            elif isinstance(outcome, Transient):
+                self._transient(task, progress, outcome)
+            elif isinstance(outcome, ModelUnusable):
+                self._model_unusable(
+                    task.backend or "", task.model_key, outcome.kind, outcome.message
                 )
-                self._requeue(task, progress, delay=0.5, counts=False)
-                self._backend_down(task.backend or "", outcome.message)
-            elif isinstance(outcome, StageFailed) and outcome.kind in MISSING_MODEL:
-                await self._model_missing(task, progress, outcome)
+                # Elsewhere if another backend may have it; else the scheduler drops it.
+                self._requeue(task, progress, delay=0.0, counts=False)
             elif isinstance(outcome, StageRetry) and task.attempt < self.config.limits.max_attempts:
                 log.warning(
                     "stage_retried", kind=outcome.kind, error=outcome.message, attempt=task.attempt
@@ -282,7 +357,9 @@ class Engine:
                     attempt=task.attempt,
                 )
                 self.counters.stage_retries += 1
-                backoff = self.config.limits.retry_backoff_s * 2 ** (task.attempt - 1)
+                backoff = backoff_delay(
+                    task.attempt, base_s=self.config.limits.retry_backoff_s, cap_s=300.0
+                )
                 self._requeue(task, progress, delay=backoff, counts=outcome.counts)
                 await self._notify_stage_failed(progress, task, outcome.message, final=False)
             else:
@@ -297,22 +374,43 @@ class Engine:
             self.scheduler.task_done(task)
             self.kick()
 
-    async def _model_missing(self, task: Task, progress: JobProgress, outcome: StageFailed) -> None:
-        """This server lacks the model: run the stage elsewhere if another backend may have it."""
-        orphans = self.scheduler.model_missing(task.backend or "", task.model_key)
-        if any(b.serves(task.model) for b in self.scheduler.backends.values()):
-            log.warning("model_missing", backend=task.backend, error=outcome.message)
-            self._requeue(task, progress, delay=0.0, counts=False)
-            return
-        await self.fail_job(
-            progress, task.stage, outcome.kind, outcome.message, attempts=task.attempt
+    def _transient(self, task: Task, progress: JobProgress, outcome: Transient) -> None:
+        """The server, not the stage: try again later, no attempt counted; check its health."""
+        progress.event(
+            "stage_interrupted", stage=task.stage, backend=task.backend, reason=outcome.message
         )
-        for orphan in orphans:
-            other = self.jobs.get(orphan.job_id)
-            if other is not None:
-                await self.fail_job(other, orphan.stage, outcome.kind, outcome.message)
+        log.warning("stage_interrupted", kind=outcome.kind, error=outcome.message)
+        if outcome.residency_lost:
+            self.scheduler.unloaded(task.backend or "", task.model_key, time.monotonic())
+        base, cap = TRANSIENT_BACKOFF
+        delay = backoff_delay(task.setbacks + 1, base_s=base, cap_s=cap)
+        self._requeue(task, progress, delay=delay, counts=False, setback=True)
+        self._suspect(task.backend or "", outcome.message)
 
-    def _requeue(self, task: Task, progress: JobProgress, *, delay: float, counts: bool) -> None:
+    def _model_unusable(self, backend: str, model_key: str, kind: str, message: str) -> None:
+        """This backend cannot serve the model. The scheduler sends its stages elsewhere,
+        or, where no backend can, drops every one of them (each job fails with ``message``)."""
+        log.error("model_unusable", backend=backend, model_key=model_key, kind=kind, error=message)
+        self.scheduler.model_missing(backend, model_key, kind, message)
+        self.kick()
+
+    async def _drop(self, action: Drop) -> None:
+        """No backend can serve this task's model: its job fails with the servers' reason."""
+        progress = self.jobs.get(action.task.job_id)
+        if progress is None:
+            return
+        kind, message = action.why
+        await self.fail_job(progress, action.task.stage, kind, message)
+
+    def _requeue(
+        self,
+        task: Task,
+        progress: JobProgress,
+        *,
+        delay: float,
+        counts: bool,
+        setback: bool = False,
+    ) -> None:
         self.scheduler.task_done(task)  # before the retry (same key) can be dispatched
         if counts:
             progress.attempts[task.stage] = task.attempt
@@ -329,6 +427,8 @@ class Engine:
                 job_ready_at=task.job_ready_at,
                 attempt=task.attempt + 1 if counts else task.attempt,
                 not_before=now + delay,
+                options=task.options,
+                setbacks=task.setbacks + 1 if setback else 0,
             )
         )
 
@@ -343,6 +443,7 @@ class Engine:
             wall_s=done.record["wall_s"],
         )
         self.figures[task.model_key].learn_stage(done.record)
+        self._watch_parallel(task, done.record)
         self.counters.stages_done += 1
         log.info(
             "stage_finished",
@@ -362,6 +463,24 @@ class Engine:
         self.observe(
             "stage_finished", job=progress.job, stage=stage, output=done.output, record=done.record
         )
+
+    def _watch_parallel(self, task: Task, record: dict[str, Any]) -> None:
+        """Learn when the server runs fewer requests at once than its slots (status says so)."""
+        backend = self.scheduler.backends.get(task.backend or "")
+        resident = backend.resident.get(task.model_key) if backend else None
+        if backend is None or resident is None or resident.parallel is not None:
+            return
+        seen = self.parallel.observe(
+            backend.name,
+            task.model_key,
+            slots=backend.slots,
+            demand=task.demand,
+            finished_at=record["finished_at"],
+            metrics={k: v for k, v in record.items() if isinstance(v, int)},
+        )
+        if seen is not None:
+            self.scheduler.parallel_seen(backend.name, task.model_key, seen)
+            log.warning("parallel_limited", parallel=seen, slots=backend.slots)
 
     async def _notify_stage_failed(
         self, progress: JobProgress, task: Task, error: str, *, final: bool
@@ -404,6 +523,10 @@ class Engine:
         record = progress.failure(stage, kind, message, **extra)
         self.scheduler.cancel_job(job_id, [s.name for s in progress.job.stages])
         await asyncio.shield(self._publish(job_id, record, failed=True))
+        for stage_spec in progress.job.stages:  # a request still out for it ends now
+            request = self._requests.get((job_id, stage_spec.name))
+            if request is not None and request is not asyncio.current_task():
+                request.cancel()
         self.counters.jobs_failed += 1
         log.warning("job_failed", job_id=job_id, stage=stage, kind=kind, error=message)
         self.observe("job_failed", job_id=job_id, job=progress.job, error=record["error"])
@@ -459,32 +582,48 @@ class Engine:
 
     # -- models -------------------------------------------------------------------------
 
-    def _backend_config(self, name: str) -> Any:
-        return next(b for b in self.config.backends if b.name == name)
-
     async def _load(self, action: Load) -> None:
         backend = self.backends[action.backend]
-        cfg = self._backend_config(action.backend)
+        cfg = self.backend_configs[action.backend]
         structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
         log.info("model_loading")
         try:
-            result = await backend.load(action.model, keep_alive=cfg.keep_alive)
+            result = await backend.load(
+                action.model, keep_alive=cfg.keep_alive, options=action.options
+            )
         except BackendError as exc:
-            self.scheduler.load_failed(action.backend, action.model_key)
-            if exc.retryable:
-                self._backend_down(action.backend, str(exc))
-                return
-            log.error("model_load_failed", kind=exc.kind, error=str(exc))
-            for task in self.scheduler.model_missing(action.backend, action.model_key):
-                progress = self.jobs.get(task.job_id)
-                if progress is not None:
-                    await self.fail_job(progress, task.stage, exc.kind, str(exc))
+            self._load_failed(action, exc)
             return
-        self.scheduler.loaded(action.backend, action.model_key, time.monotonic())
+        self.scheduler.loaded(
+            action.backend, action.model_key, time.monotonic(), parallel=result.parallel
+        )
+        self.parallel.forget(action.backend, action.model_key)
         self.figures[action.model_key].learn_load(result.wall_s)
         log.info(
-            "model_loaded", load_s=round(result.wall_s, 6), load_duration=result.load_duration_ns
+            "model_loaded",
+            load_s=round(result.wall_s, 6),
+            load_duration=result.load_duration_ns,
+            parallel=result.parallel,
         )
+
+    def _load_failed(self, action: Load, exc: BackendError) -> None:
+        """A failed load backs off; one that cannot succeed fails the model's stages.
+
+        Transient: the server, not the model (no count). Otherwise each failure
+        counts, and ``max_attempts`` of them in a row mean the model cannot load.
+        """
+        transient = exc.effect == "transient"
+        now = time.monotonic()
+        failures = self.scheduler.backends[action.backend].load_failures.get(action.model_key, 0)
+        base, cap = TRANSIENT_BACKOFF
+        delay = backoff_delay(failures + 1, base_s=base, cap_s=cap)
+        count = self.scheduler.load_failed(action.backend, action.model_key, retry_at=now + delay)
+        log.error("model_load_failed", kind=exc.kind, error=str(exc), failures=count)
+        if transient:
+            self._suspect(action.backend, str(exc))
+        elif exc.effect == "model" or count >= self.config.limits.max_attempts:
+            self._model_unusable(action.backend, action.model_key, exc.kind, str(exc))
+        self.kick()
 
     async def _unload(self, action: Unload) -> None:
         structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
@@ -492,33 +631,64 @@ class Engine:
             await self.backends[action.backend].unload(action.model)
         except BackendError as exc:
             log.warning("model_unload_failed", error=str(exc))
-        self.scheduler.unloaded(action.backend, action.model_key)
+        self.scheduler.unloaded(action.backend, action.model_key, time.monotonic())
         log.info("model_unloaded")
+
+    async def _reconcile_loop(self) -> None:
+        """Read what each server holds while there is work (Ollama evicts on its own)."""
+        while True:
+            await asyncio.sleep(self.config.scheduler.reconcile_s)
+            if self.jobs:
+                await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Align the scheduler's residency with each up backend's own list, once."""
+        for name, backend in self.backends.items():
+            if name in self.down:
+                continue
+            asked_at = time.monotonic()
+            try:
+                async with asyncio.timeout(self.backend_configs[name].connect_timeout_s + 5):
+                    listed = await backend.ps()
+            except (BackendError, TimeoutError):
+                continue  # the probe, not this, decides whether the backend is down
+            if listed is None:
+                continue
+            names = [str(m.get("name") or m.get("model") or "") for m in listed]
+            dropped = self.scheduler.reconcile(name, [n for n in names if n], asked_at)
+            for model in dropped:
+                log.warning("model_dropped_by_server", backend=name, model=model)
+            if dropped:
+                self.kick()
 
     # -- backend health -------------------------------------------------------------------
 
-    def _backend_down(self, name: str, reason: str) -> None:
-        if name in self.down or not self._dispatching:
+    def _suspect(self, name: str, reason: str) -> None:
+        """A request failed the server's way: probe its health once; down only if that fails."""
+        if name in self.down or name in self._probes or not self._dispatching:
             return
-        self.down[name] = reason
-        self.scheduler.backend_down(name)
-        log.warning("backend_down", backend=name, error=reason)
-        self._probes[name] = asyncio.create_task(self._probe(name))
+        self._probes[name] = asyncio.create_task(self._probe(name, reason))
 
-    async def _probe(self, name: str) -> None:
-        """Poll the server's version endpoint until it answers, then bring it back."""
-        delay = 0.25
+    async def _probe(self, name: str, reason: str) -> None:
+        """Ask the health endpoint; while it fails the backend is down and nothing is sent."""
         backend = self.backends[name]
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await backend.version()
-            except BackendError:
-                delay = min(delay * 2, 5.0)
-                continue
-            break
-        self.down.pop(name, None)
-        self._probes.pop(name, None)
-        self.scheduler.backend_up(name)
-        log.info("backend_up", backend=name)
+        backoff = Backoff(0.25, 5.0)
+        try:
+            while True:
+                try:
+                    await backend.version()
+                except BackendError as exc:
+                    if name not in self.down:
+                        self.down[name] = reason
+                        self.scheduler.backend_down(name)
+                        log.warning("backend_down", backend=name, error=reason, probe=str(exc))
+                    await asyncio.sleep(backoff.next())
+                    continue
+                break
+        finally:
+            self._probes.pop(name, None)
+        if self.down.pop(name, None) is not None:
+            self.scheduler.backend_up(name)
+            log.info("backend_up", backend=name)
+            await self.reconcile()
         self.kick()

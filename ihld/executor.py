@@ -1,10 +1,12 @@
 """Running one stage: actor → backend → actor, and what came of it.
 
 The executor turns a dispatched task into exactly one ``Outcome``; it never
-touches the scheduler or the spool. It separates failures by whose fault
-they are: the server (an outage delays the job but costs no attempt), the
-stage (a plugin error, a bad reply, a timeout: costs an attempt), or the
-request itself (an unknown model: fails the stage at once).
+touches the scheduler or the spool. It separates failures by what ends them
+(the backend error's ``effect``, docs/backends.md): the server (transient:
+delays the job, costs no attempt), this try (a 500, a cut stream, a timeout, a
+plugin error: costs an attempt), the request (a 400: fails the stage at once),
+or the model (no such model here: fails every stage for it, unless another
+backend has it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Any
 
 from ihld import jsonsafe
 from ihld.actors import Actor, StageContext
-from ihld.backends.base import Backend, BackendError, ChatRequest, ChatResult, KeepAlive
+from ihld.backends.base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    KeepAlive,
+    ModelNotLoaded,
+)
 from ihld.errors import StageError
 from ihld.jobs import StageSpec
 
@@ -45,14 +54,38 @@ class StageFailed:
 
 
 @dataclass(frozen=True)
-class BackendDown:
-    """The server is unreachable or overloaded past the client's own retries."""
+class ModelUnusable:
+    """This backend cannot serve the stage's model (not found, cannot load)."""
 
     kind: str
     message: str
 
 
-Outcome = StageDone | StageRetry | StageFailed | BackendDown
+@dataclass(frozen=True)
+class Transient:
+    """The server is unreachable or busy past the client's own quick retries.
+
+    ``residency_lost``: the server no longer holds the model (llama.cpp's router).
+    """
+
+    kind: str
+    message: str
+    residency_lost: bool = False
+
+
+Outcome = StageDone | StageRetry | StageFailed | ModelUnusable | Transient
+
+
+def outcome_for(exc: BackendError) -> Outcome:
+    """What a failed call means for its stage, by the error's ``effect``."""
+    message = str(exc)
+    if exc.effect == "transient":
+        return Transient(exc.kind, message, residency_lost=isinstance(exc, ModelNotLoaded))
+    if exc.effect == "model":
+        return ModelUnusable(exc.kind, message)
+    if exc.effect == "stage":
+        return StageFailed(exc.kind, message)
+    return StageRetry(exc.kind, message)
 
 
 def finalize_request(request: ChatRequest, stage: StageSpec) -> ChatRequest:
@@ -90,6 +123,7 @@ def stage_record(
         "attempts": attempt,
         "done_reason": result.done_reason,
         "truncated": result.done_reason == "length",
+        **({"thinking": result.thinking} if result.thinking else {}),
         **{key: metrics[key] for key in sorted(metrics)},
         "queue_s": round(queued_s, 6),  # ready → dispatched, in ihld
         "wall_s": round(result.wall_s, 6),  # the whole HTTP call
@@ -111,6 +145,7 @@ async def run_stage(
     keep_alive: KeepAlive | None,
     timeout_s: float,
     queued_s: float,
+    first_byte_s: float | None = None,
 ) -> Outcome:
     """Run one attempt of one stage. Never raises (except cancellation)."""
     stage = ctx.stage
@@ -124,15 +159,15 @@ async def run_stage(
     tag = f"{ctx.job_id}/{stage.name}/{ctx.attempt}"
     try:
         async with asyncio.timeout(timeout_s):
-            result = await backend.chat(request, keep_alive=keep_alive, task_tag=tag)
+            result = await backend.chat(
+                request, keep_alive=keep_alive, task_tag=tag, first_byte_s=first_byte_s
+            )
     except TimeoutError:
         return StageRetry(
             "stage_timeout", f"no complete reply within {timeout_s:g} s ([limits] stage_timeout_s)"
         )
     except BackendError as exc:
-        if not exc.retryable:
-            return StageFailed(exc.kind, str(exc))
-        return BackendDown(exc.kind, str(exc))
+        return outcome_for(exc)
     try:
         output = actor.parse_response(ctx, result)
         jsonsafe.dumps(output).encode()  # it goes into checkpoints and results: strict JSON

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(eq=False)
@@ -57,6 +57,9 @@ class Task:
     not_before: float = 0.0  # retry backoff: not dispatched before this time
     backend: str | None = None  # set when dispatched
     released: bool = False  # its request ended; the slot is free, the outcome not yet applied
+    options: Mapping[str, Any] = field(default_factory=dict)  # runner options (sent with a load)
+    setbacks: int = 0  # transient failures so far (their backoff grows; no attempt counted)
+    demand: int = 0  # requests in flight on its model when it was dispatched (parallelism)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -83,6 +86,10 @@ class Resident:
     inflight: int = 0  # requests holding a slot
     finishing: int = 0  # requests ended whose outcome (and successors) is still being saved
     since: float = 0.0
+    # Requests the server really runs at once, when it is fewer than the backend's
+    # slots (llama.cpp's total_slots; Ollama forces 1 for some architectures).
+    parallel: int | None = None
+    foreign: bool = False  # loaded by someone else; seen in the server's list
 
     @property
     def idle(self) -> bool:
@@ -100,10 +107,17 @@ class BackendSlots:
     up: bool = True
     resident: dict[str, Resident] = field(default_factory=dict)
     inflight: int = 0  # all requests in flight on this backend
-    missing: set[str] = field(default_factory=set)  # models this server said it does not have
+    # model -> (kind, message): why this server cannot serve it
+    missing: dict[str, tuple[str, str]] = field(default_factory=dict)
+    load_failures: dict[str, int] = field(default_factory=dict)  # model key -> failures in a row
+    load_retry_at: dict[str, float] = field(default_factory=dict)  # model key -> no load before
+    unloaded_at: dict[str, float] = field(default_factory=dict)  # model -> when ihld unloaded it
 
     def serves(self, model: str) -> bool:
         return (self.models is None or model in self.models) and model not in self.missing
+
+    def slots_for(self, resident: Resident) -> int:
+        return min(self.slots, resident.parallel or self.slots)
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class Load:
     backend: str
     model_key: str
     model: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # runner options, as stages send
     kind: Literal["load"] = "load"
 
 
@@ -129,7 +144,30 @@ class Unload:
     kind: Literal["unload"] = "unload"
 
 
-Action = Dispatch | Load | Unload
+@dataclass(frozen=True)
+class Drop:
+    """No backend can serve the task's model: its job must fail (``why``: kind, message)."""
+
+    task: Task
+    why: tuple[str, str]
+    kind: Literal["drop"] = "drop"
+
+
+Action = Dispatch | Load | Unload | Drop
+
+# How long a model ihld unloaded may still be listed by the server (Ollama unloads once
+# the model's in-flight requests end) without being taken for someone else's.
+UNLOAD_GRACE_S = 30.0
+
+
+def same_model(a: str, b: str) -> bool:
+    """One model name as servers list it: case-insensitive, ``:latest`` by default."""
+
+    def norm(name: str) -> str:
+        name = name.strip().lower()
+        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+    return norm(a) == norm(b)
 
 
 class Costs(Protocol):
@@ -226,6 +264,7 @@ class Scheduler:
         self.prefetch = prefetch
         self.queues: dict[str, ModelQueue] = {}
         self.model_names: dict[str, str] = {}
+        self.model_options: dict[str, Mapping[str, Any]] = {}
         self.inflight: dict[tuple[str, str], Task] = {}
         self.stats = SchedulerStats()
         self._delayed: list[tuple[float, int, Task]] = []  # retry backoff
@@ -245,6 +284,7 @@ class Scheduler:
         if queue is None:
             queue = self.queues[task.model_key] = ModelQueue()
             self.model_names[task.model_key] = task.model
+            self.model_options[task.model_key] = task.options
         order = float(task.job_seq) if self.policy == "fifo" else task.ready_at
         queue.push(task, order)
 
@@ -293,30 +333,83 @@ class Scheduler:
         if resident is not None:
             resident.inflight = max(0, resident.inflight - 1)
 
-    def loaded(self, backend: str, model_key: str, now: float) -> None:
-        resident = self.backends[backend].resident.get(model_key)
+    def loaded(
+        self, backend: str, model_key: str, now: float, *, parallel: int | None = None
+    ) -> None:
+        state = self.backends[backend]
+        state.load_failures.pop(model_key, None)
+        resident = state.resident.get(model_key)
         if resident is not None and resident.state is ModelState.LOADING:
             resident.state = ModelState.LOADED
             resident.since = now
+            if parallel is not None and parallel < state.slots:
+                resident.parallel = max(1, parallel)
 
-    def load_failed(self, backend: str, model_key: str) -> None:
-        self.backends[backend].resident.pop(model_key, None)
+    def load_failed(self, backend: str, model_key: str, *, retry_at: float) -> int:
+        """A load failed; no new load of it here before ``retry_at``. Returns failures in a row."""
+        state = self.backends[backend]
+        state.resident.pop(model_key, None)
+        state.load_retry_at[model_key] = retry_at
+        state.load_failures[model_key] = state.load_failures.get(model_key, 0) + 1
+        return state.load_failures[model_key]
 
-    def unloaded(self, backend: str, model_key: str) -> None:
-        self.backends[backend].resident.pop(model_key, None)
+    def unloaded(self, backend: str, model_key: str, now: float = 0.0) -> None:
+        state = self.backends[backend]
+        resident = state.resident.pop(model_key, None)
+        if resident is not None:
+            state.unloaded_at[resident.model] = now
 
-    def model_missing(self, backend: str, model_key: str) -> list[Task]:
-        """The backend does not have this model. Returns the queued tasks no backend can serve."""
+    def model_missing(self, backend: str, model_key: str, kind: str, message: str) -> None:
+        """The backend cannot serve this model (``kind``, ``message``: the server's answer).
+
+        Its queued tasks go elsewhere; where no backend can serve the model,
+        ``next_actions`` answers them with ``Drop``: every one fails at once.
+        """
         model = self.model_names.get(model_key, model_key)
-        self.backends[backend].missing.add(model)
+        self.backends[backend].missing[model] = (kind, message)
         self.backends[backend].resident.pop(model_key, None)
-        if any(b.serves(model) for b in self.backends.values()):
-            return []
-        queue = self.queues.pop(model_key, None)
-        tasks = []
-        while queue is not None and len(queue):
-            tasks.append(queue.pop())
-        return tasks
+
+    def parallel_seen(self, backend: str, model_key: str, parallel: int | None) -> None:
+        """The real parallelism observed for a resident model (None: as many as slots)."""
+        resident = self.backends[backend].resident.get(model_key)
+        if resident is not None:
+            resident.parallel = parallel
+
+    def reconcile(self, backend: str, listed: Iterable[str], asked_at: float) -> list[str]:
+        """Align residency with what the server lists now (Ollama's /api/ps, the router's /models).
+
+        A model loaded before ``asked_at`` that the server no longer lists was dropped
+        by it (keep_alive expiry, memory, another client, a restart): it is no longer
+        counted resident once idle. A listed model ihld did not load is someone
+        else's: it takes room, and it serves our work if the names match. Returns
+        the models dropped.
+        """
+        state = self.backends[backend]
+        names = list(listed)
+        dropped = []
+        for key, resident in list(state.resident.items()):
+            gone = not any(same_model(resident.model, name) for name in names)
+            loaded_before = resident.state is ModelState.LOADED and resident.since <= asked_at
+            if gone and loaded_before and (resident.idle or resident.foreign):
+                del state.resident[key]
+                dropped.append(resident.model)
+        for name in names:
+            if any(same_model(r.model, name) for r in state.resident.values()):
+                continue
+            if any(
+                same_model(m, name) and asked_at - at < UNLOAD_GRACE_S
+                for m, at in state.unloaded_at.items()
+            ):
+                continue  # ours, still unloading
+            # Someone else's model serves our stages of it (same name, no runner options).
+            key = next(
+                (k for k, m in self.model_names.items() if k == m and same_model(m, name)), name
+            )
+            model = self.model_names.get(key, name)
+            state.resident[key] = Resident(
+                key, model, ModelState.LOADED, since=asked_at, foreign=True
+            )
+        return dropped
 
     def backend_down(self, backend: str) -> None:
         """The backend is unreachable: forget what it holds; nothing is sent until it is up."""
@@ -338,6 +431,13 @@ class Scheduler:
     def next_wakeup(self, now: float) -> float | None:
         """When to ask again even if nothing happens (backoff ends, a wait bound expires)."""
         times = [self._delayed[0][0]] if self._delayed else []
+        for backend in self.backends.values():
+            times.extend(backend.load_retry_at.values())
+            times.extend(
+                r.since + self._stall_after(r.key)
+                for r in backend.resident.values()
+                if r.state is ModelState.LOADING
+            )
         if self.policy == "affinity":
             for key, queue in self.queues.items():
                 head = queue.peek()  # in affinity order the head is the oldest of its priority
@@ -358,6 +458,7 @@ class Scheduler:
         while self._delayed and self._delayed[0][0] <= now:
             self._enqueue(heapq.heappop(self._delayed)[2])
         actions: list[Action] = []
+        self._drop_unservable(actions)
         for backend in self.backends.values():
             if not backend.up:
                 continue
@@ -367,6 +468,30 @@ class Scheduler:
                 self._affinity(backend, now, actions)
         return actions
 
+    def _drop_unservable(self, actions: list[Action]) -> None:
+        """Answer every queued task of a model no backend can serve with ``Drop``."""
+        for key in list(self.queues):
+            model = self.model_names[key]
+            if any(b.serves(model) for b in self.backends.values()):
+                continue
+            reasons = [b.missing[model] for b in self.backends.values() if model in b.missing]
+            if reasons:
+                why = (reasons[0][0], "; ".join(message for _, message in reasons))
+            else:
+                allowed = {b.name: sorted(b.models or ()) for b in self.backends.values()}
+                why = ("model_not_allowed", f"no backend serves {model!r} (models: {allowed})")
+            queue = self.queues.pop(key)
+            while len(queue):
+                actions.append(Drop(queue.pop(), why))
+
+    def _stall_after(self, key: str) -> float:
+        """A load taking longer than this waits for the server to evict something.
+
+        Ollama then blocks until the victim's in-flight requests finish, and each
+        new request for the victim resets its timer (ollama #14578, #17408).
+        """
+        return 2 * self.costs.load_s(key) + 5.0
+
     def _dispatch(self, backend: BackendSlots, queue: ModelQueue, actions: list[Action]) -> None:
         task = queue.pop()
         task.backend = backend.name
@@ -375,6 +500,7 @@ class Scheduler:
         resident = backend.resident.get(task.model_key)
         if resident is not None:
             resident.inflight += 1
+            task.demand = resident.inflight
         self.stats.dispatched += 1
         actions.append(Dispatch(task, backend.name))
 
@@ -399,15 +525,22 @@ class Scheduler:
                 self.stats.unloads += 1
                 actions.append(Unload(backend.name, resident.key, resident.model))
         self._plan_switch(backend, now, actions)
+        # A load that outlasts its expected time is waiting for the server to evict a
+        # resident model: feeding that model would keep the server from ever evicting it.
+        stalled = any(
+            r.state is ModelState.LOADING and now - r.since >= self._stall_after(r.key)
+            for r in backend.resident.values()
+        )
         for resident in backend.resident.values():
-            if resident.state is not ModelState.LOADED:
+            if resident.state is not ModelState.LOADED or stalled:
                 continue
             queue = self.queues.get(resident.key)
-            while queue is not None and len(queue) and resident.inflight < backend.slots:
+            slots = backend.slots_for(resident)
+            while queue is not None and len(queue) and resident.inflight < slots:
                 self._dispatch(backend, queue, actions)
             # Prefetch only work at least as urgent as what runs: an urgent job's next
             # stage (elsewhere) must not wait behind a prefetched batch request.
-            depth = backend.slots + self.prefetch
+            depth = slots + self.prefetch
             while queue is not None and len(queue) and resident.inflight < depth:
                 head = queue.peek()
                 if head is None or head.priority < self._top_inflight(backend, resident.key):
@@ -461,7 +594,7 @@ class Scheduler:
             drain = max(drain, rounds * self.costs.service_s(resident.key))
         return drain + self.costs.load_s(key)
 
-    def _candidates(self, backend: BackendSlots) -> list[str]:
+    def _candidates(self, backend: BackendSlots, now: float) -> list[str]:
         """Models with ready work that this backend could load."""
         out = []
         for key, queue in self.queues.items():
@@ -469,6 +602,8 @@ class Scheduler:
                 continue
             if not backend.serves(self.model_names[key]):
                 continue
+            if backend.load_retry_at.get(key, 0.0) > now:
+                continue  # a failed load backs off
             if self._held_elsewhere(key, backend, len(queue)):
                 continue
             out.append(key)
@@ -490,7 +625,7 @@ class Scheduler:
         return False
 
     def _plan_switch(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
-        candidates = self._candidates(backend)
+        candidates = self._candidates(backend, now)
         if not candidates:
             return
         if (
@@ -517,10 +652,15 @@ class Scheduler:
             return (key in overdue, head.priority, work + (now - head.waiting_since))
 
         target = max(candidates, key=pressing)
-        if len(backend.resident) < backend.max_loaded:
+        # One runner per model (Ollama's scheduler): another option set of the same model
+        # must go before this one loads, whatever max_loaded says.
+        sibling = next(
+            (r for r in backend.resident.values() if r.model == self.model_names[target]), None
+        )
+        if sibling is None and len(backend.resident) < backend.max_loaded:
             self._load(backend, target, now, actions)
             return
-        victim = self._victim(backend, target in overdue)
+        victim = self._victim(backend, target in overdue, only=sibling)
         if victim is None:
             return
         if target in overdue:
@@ -532,9 +672,13 @@ class Scheduler:
         else:
             victim.state = ModelState.DRAINING
 
-    def _victim(self, backend: BackendSlots, forced: bool) -> Resident | None:
+    def _victim(
+        self, backend: BackendSlots, forced: bool, only: Resident | None = None
+    ) -> Resident | None:
         """The resident model to give up: an idle one, or (forced) the least pressing."""
         loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
+        if only is not None:
+            loaded = [r for r in loaded if r is only]
         idle = [r for r in loaded if r.idle and not len(self.queues.get(r.key) or ())]
         if idle:
             return min(idle, key=lambda r: r.since)
@@ -551,5 +695,6 @@ class Scheduler:
     def _load(self, backend: BackendSlots, key: str, now: float, actions: list[Action]) -> None:
         model = self.model_names[key]
         backend.resident[key] = Resident(key, model, ModelState.LOADING, since=now)
+        backend.load_retry_at.pop(key, None)
         self.stats.loads += 1
-        actions.append(Load(backend.name, key, model))
+        actions.append(Load(backend.name, key, model, dict(self.model_options.get(key, {}))))

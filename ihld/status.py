@@ -84,6 +84,10 @@ def snapshot(engine: Engine, spool_counts: dict[str, int] | None = None) -> dict
             "slots": state.slots,
             "in_flight": state.inflight,
             "resident": {r.model: r.state.value for r in state.resident.values()},
+            # Where the server runs fewer requests at once than the slots (learned or told).
+            "parallel": {
+                r.model: r.parallel for r in state.resident.values() if r.parallel is not None
+            },
         }
     eta = eta_s(engine)
     counters = engine.counters
@@ -145,8 +149,11 @@ def summary_line(snap: dict[str, Any]) -> str:
     resident: set[str] = set()
     loading: set[str] = set()
     for backend in snap["backends"].values():
+        limited = backend.get("parallel", {})
         for model, state in backend["resident"].items():
-            if state == ModelState.LOADED.value:
+            if state == ModelState.LOADED.value and model in limited:
+                resident.add(f"{model} (parallel {limited[model]} of {backend['slots']})")
+            elif state == ModelState.LOADED.value:
                 resident.add(model)
             elif state == ModelState.LOADING.value:
                 loading.add(model)
@@ -388,6 +395,9 @@ class PsCache:
         except (BackendError, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.entries[name] = PsEntry(time.monotonic(), models, ok_at, error)
+            return
+        if answer is None:  # the server does not say what it holds
+            self.entries[name] = PsEntry(time.monotonic(), None, None, "not reported")
             return
         trimmed = [{k: m[k] for k in _PS_KEYS if k in m} for m in answer if isinstance(m, dict)]
         now = time.monotonic()

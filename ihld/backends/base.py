@@ -7,8 +7,9 @@ one server. Backends raise the errors below so the daemon can tell an outage
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 # Ollama's keep_alive: a number of seconds, or a Go duration string ("10m", "-1").
 KeepAlive = float | int | str
@@ -32,7 +33,9 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
     format: str | dict[str, Any] | None = None
-    think: bool | None = None
+    # Ollama's ``think``: True/False, or a level ("high", "medium", "low"). None: the
+    # model's default (thinking models think unless told not to).
+    think: bool | str | None = None
 
 
 @dataclass
@@ -45,47 +48,90 @@ class ChatResult:
     wall_s: float = 0.0  # our own wall time for the whole call
     first_byte_s: float = 0.0  # time until the first streamed chunk arrived
     attempts: int = 1  # transport-level tries inside the client (503 / reset retries)
+    thinking: str = ""  # a thinking model's reasoning (``message.thinking``), apart from content
 
 
 @dataclass
 class LoadResult:
-    """A deliberate model load: Ollama's load_duration and our wall time."""
+    """A deliberate model load: the server's load figure and our wall time.
+
+    ``parallel``: requests the server really runs at once for this model, when it
+    says so (llama.cpp's ``total_slots``); None when it does not (Ollama).
+    """
 
     model: str
     load_duration_ns: int
     wall_s: float
+    parallel: int | None = None
+
+
+# What ends a failed call; docs/backends.md has the table of every server answer.
+#   "transient": the server, not the request (refused, reset, 502/503/504): retried with
+#                backoff, no attempt counted; the health probe decides if the backend is down.
+#   "attempt":   this try failed (a 500, an error line mid-stream, a stream that ends
+#                silently): counts one of the stage's ``max_attempts``.
+#   "stage":     the request itself is wrong (400, ``invalid format``): the stage fails now.
+#   "model":     this backend cannot serve the model (404, a load that cannot succeed):
+#                every stage for it fails, unless another backend may serve it.
+Effect = Literal["transient", "attempt", "stage", "model"]
 
 
 class BackendError(Exception):
-    """A call to a backend failed. ``retryable``: another try may succeed."""
+    """A call to a backend failed; ``effect`` says what ends the work that made it."""
 
-    retryable = True
+    effect: Effect = "attempt"
     kind = "backend_error"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the client's quick retries may try again at once (transient only)."""
+        return self.effect == "transient"
 
 
 class BackendUnavailable(BackendError):
-    """Connection refused/reset, 5xx, 503 busy, timeouts: the server, not the request."""
+    """Connection refused/reset, timeouts, 502/503/504: the server, not the request."""
 
+    effect: Effect = "transient"
     kind = "backend_unavailable"
 
 
+class ModelNotLoaded(BackendUnavailable):
+    """The server no longer holds a model the scheduler thought resident (llama.cpp's
+    router with ``autoload=false``): reload it, then try again; no attempt counted."""
+
+    kind = "model_not_loaded"
+
+
+class ServerError(BackendError):
+    """A 500 on one request that names no permanent cause: counts an attempt."""
+
+    kind = "server_error"
+
+
 class StreamBroken(BackendError):
-    """Output had started and then an ``{"error": ...}`` line or a cut ended the stream."""
+    """Output had started and an ``{"error": ...}`` line, or a silent end, cut it short."""
 
     kind = "stream_error"
 
 
 class ModelNotFound(BackendError):
-    """404: the model is not installed on that server. Not retried."""
+    """404 (or llama.cpp's 400 ``model 'x' not found``): the server lacks the model."""
 
-    retryable = False
+    effect: Effect = "model"
     kind = "model_not_found"
 
 
-class BadRequest(BackendError):
-    """400 and other 4xx: the request itself is wrong. Not retried."""
+class LoadFailed(BackendError):
+    """The model cannot be loaded here ("requires more system memory", "unable to load")."""
 
-    retryable = False
+    effect: Effect = "model"
+    kind = "model_load_failed"
+
+
+class BadRequest(BackendError):
+    """400 and other 4xx, or ``invalid format``: the request itself is wrong."""
+
+    effect: Effect = "stage"
     kind = "bad_request"
 
 
@@ -96,21 +142,37 @@ class Backend(Protocol):
     url: str
 
     async def chat(
-        self, request: ChatRequest, *, keep_alive: KeepAlive | None, task_tag: str = ""
+        self,
+        request: ChatRequest,
+        *,
+        keep_alive: KeepAlive | None,
+        task_tag: str = "",
+        first_byte_s: float | None = None,
     ) -> ChatResult:
-        """Run one chat request (streamed); raise a BackendError subclass on failure."""
+        """Run one chat request (streamed); raise a BackendError subclass on failure.
+
+        ``first_byte_s``: how long the server may hold the request before its first
+        byte (a prefetched request waits for a slot, or a load); None: the idle read
+        timeout. Between chunks the idle read timeout applies.
+        """
         ...
 
-    async def load(self, model: str, *, keep_alive: KeepAlive | None) -> LoadResult:
-        """Load ``model`` and keep it for ``keep_alive``."""
+    async def load(
+        self,
+        model: str,
+        *,
+        keep_alive: KeepAlive | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> LoadResult:
+        """Load ``model`` with the runner ``options`` its stages use; keep it ``keep_alive``."""
         ...
 
     async def unload(self, model: str) -> None:
         """Ask the server to unload ``model`` once its in-flight requests end."""
         ...
 
-    async def ps(self) -> list[dict[str, Any]]:
-        """Models resident now (Ollama's /api/ps ``models`` list)."""
+    async def ps(self) -> list[dict[str, Any]] | None:
+        """Models resident now (Ollama's /api/ps ``models``: ``name`` each); None: unknown."""
         ...
 
     async def version(self) -> str:

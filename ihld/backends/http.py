@@ -33,9 +33,12 @@ from ihld.backends.base import (
     BackendUnavailable,
     BadRequest,
     ChatResult,
+    Effect,
+    LoadFailed,
     ModelNotFound,
-    StreamBroken,
+    ServerError,
 )
+from ihld.backoff import Backoff, backoff_delay
 from ihld.config import BackendConfig
 
 __all__ = [
@@ -86,12 +89,22 @@ class ModelNotAllowed(ModelNotFound):
 class ProtocolError(BackendError):
     """The server answered, but not as its API does (wrong shape, wrong done_reason).
 
-    Not retried: asking the same server again gets the same answer. Usually the
+    Fails the stage: asking the same server again gets the same answer. Usually the
     URL points at something that speaks another API, or a server too old for ihld.
     """
 
-    retryable = False
+    effect: Effect = "stage"
     kind = "protocol_error"
+
+
+class ReadTimeout(BackendError):
+    """The server accepted the request but sent nothing within the allowed time.
+
+    Counts an attempt: a server that answers its health probe but never this
+    request (a wedged runner) must not hold the stage for ever.
+    """
+
+    kind = "read_timeout"
 
 
 def make_session() -> aiohttp.ClientSession:
@@ -108,19 +121,6 @@ def make_session() -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None),
         raise_for_status=False,
     )
-
-
-def backoff_delay(
-    retry: int, *, base_s: float, cap_s: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry number ``retry`` (1 = the first retry).
-
-    Exponential (``base * 2**(retry-1)``, capped), with jitter over the upper
-    half, so clients that failed together (a 503 burst) do not retry together,
-    and the wait still grows.
-    """
-    ceiling = min(cap_s, base_s * (2 ** max(0, retry - 1)))
-    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 class NdjsonLines:
@@ -184,6 +184,7 @@ class Streamed:
     done_reason: str
     metrics: dict[str, int]
     first_byte_s: float
+    thinking: str = ""
 
 
 class BodyReader:
@@ -194,9 +195,16 @@ class BodyReader:
     stream. Read a body once, with ``lines`` or ``whole``.
     """
 
-    def __init__(self, who: str, max_line_bytes: int) -> None:
+    def __init__(
+        self, who: str, max_line_bytes: int, *, idle_s: float, first_byte_s: float | None = None
+    ) -> None:
+        """``idle_s``: the longest silence between chunks; ``first_byte_s``: how long the
+        server may take to its first chunk (a request waiting at the server for a slot or
+        a load), from now; None: ``idle_s`` applies to the first chunk too."""
         self.t0 = time.monotonic()
         self.first_byte_s: float | None = None
+        self.first_deadline = self.t0 + max(idle_s, first_byte_s or 0.0)
+        self._idle_s = idle_s
         self._who = who
         self._splitter = NdjsonLines(max_line_bytes)
         self._pending: deque[bytes] = deque()
@@ -232,7 +240,8 @@ class BodyReader:
             if self._chunks is None:
                 raise StopAsyncIteration
             try:
-                chunk = await anext(self._chunks)
+                async with asyncio.timeout(self._silence_allowed()):
+                    chunk = await anext(self._chunks)
             except StopAsyncIteration:
                 self._chunks = None
                 self._pending.extend(self._splitter.finish())
@@ -243,6 +252,12 @@ class BodyReader:
             except ValueError as exc:
                 raise ProtocolError(f"{self._who}: {exc}") from None
         return self._pending.popleft()
+
+    def _silence_allowed(self) -> float:
+        """Until the first byte, what is left of the first-byte allowance; then ``idle_s``."""
+        if self.first_byte_s is None:
+            return max(self._idle_s, self.first_deadline - time.monotonic())
+        return self._idle_s
 
     def _arrived(self) -> None:
         if self.first_byte_s is None:
@@ -255,18 +270,34 @@ async def error_body(resp: aiohttp.ClientResponse) -> tuple[bytes, str]:
     return raw, raw.decode("utf-8", "replace").strip()
 
 
+# 500 texts that are permanent: Ollama's llm/server.go ("model requires more system
+# memory", "unable to load model") and server/routes.go ("invalid format", sent after the
+# load). "llama runner process has terminated" is not here: a runner also dies of
+# transient causes, so it counts an attempt. docs/backends.md has the table.
+_LOAD_FAILURES = ("requires more system memory", "unable to load model")
+
+
 def error_for_status(resp: aiohttp.ClientResponse, message: str) -> BackendError:
     """The error class a non-200 status (sent before any output) means; ``message`` says it.
 
-    404: the model is missing. 408, 429, 5xx: the server, not the request
-    (retryable). A redirect: the URL is wrong. Other 4xx: the request. Anything
-    else (1xx, another 2xx) is not an answer this API gives.
+    404: the model is missing. 408, 429, 502, 503, 504: the server, not the
+    request (transient). A 500 names its cause in the text: a load that cannot
+    succeed fails the model, ``invalid format`` the stage, anything else counts an
+    attempt. A redirect: the URL is wrong. Other 4xx: the request. Anything else
+    (1xx, another 2xx) is not an answer this API gives.
     """
     status = resp.status
+    lowered = message.lower()
     if status == 404:
         return ModelNotFound(message)
-    if status in (408, 429) or status >= 500:
+    if status in (408, 429, 502, 503, 504):
         return BackendUnavailable(message)
+    if status >= 500:
+        if "invalid format" in lowered:
+            return BadRequest(message)
+        if any(text in lowered for text in _LOAD_FAILURES):
+            return LoadFailed(message)
+        return ServerError(message)
     if 300 <= status < 400:
         where = resp.headers.get("Location", "?")
         return BadRequest(f"{message} (redirected to {where}; check the backend url)")
@@ -276,14 +307,22 @@ def error_for_status(resp: aiohttp.ClientResponse, message: str) -> BackendError
 
 
 def error_for_transport(exc: BaseException, who: str, *, output_started: bool) -> BackendError:
-    """A connection-level failure: an outage before output, a broken stream after."""
+    """A connection-level failure.
+
+    Refused, reset or a connect timeout: the server (transient; the health probe
+    decides whether it is down). Silence past the read timeout: this request
+    (counts an attempt), so a server that probes fine but never answers cannot
+    hold a stage for ever.
+    """
     if isinstance(exc, _BAD_URL_ERRORS):
         return BadRequest(f"{who}: invalid backend url: {exc}")
-    what = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    when = "after output started" if output_started else "before any output"
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ReadTimeout(f"{who}: no answer within the read timeout {when} ({detail})")
     if output_started:
-        return StreamBroken(f"{who}: stream {what} after output started ({detail})")
-    return BackendUnavailable(f"{who}: {what} ({detail})")
+        return BackendUnavailable(f"{who}: stream cut {when} ({detail})")
+    return BackendUnavailable(f"{who}: connection failed ({detail})")
 
 
 class HttpBackend(ABC):
@@ -319,6 +358,7 @@ class HttpBackend(ABC):
         self._session = session
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
+        self._read_timeout_s = config.read_timeout_s
         self._max_line_bytes = max_line_bytes
         self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(
@@ -326,6 +366,10 @@ class HttpBackend(ABC):
             connect=config.connect_timeout_s,
             sock_connect=config.connect_timeout_s,
             sock_read=config.read_timeout_s,
+        )
+        # Streamed chats: the BodyReader times the first byte and each gap between chunks.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_connect=config.connect_timeout_s
         )
         self._long_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -345,8 +389,13 @@ class HttpBackend(ABC):
         """Nothing to release: the session is the daemon's and it closes it."""
 
     @abstractmethod
-    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> Streamed:
-        """One try of a chat: send ``payload`` and read the whole answer."""
+    async def _chat_once(
+        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+    ) -> Streamed:
+        """One try of a chat: send ``payload`` and read the whole answer.
+
+        ``first_byte_s``: silence allowed before the first chunk (``_reader`` takes it).
+        """
 
     @abstractmethod
     async def _status_error(self, resp: aiohttp.ClientResponse, path: str) -> BackendError:
@@ -354,13 +403,19 @@ class HttpBackend(ABC):
 
     # ------------------------------------------------------------------ calls
 
-    async def _chat(self, model: str, body: Mapping[str, Any], task_tag: str) -> ChatResult:
+    async def _chat(
+        self,
+        model: str,
+        body: Mapping[str, Any],
+        task_tag: str,
+        first_byte_s: float | None = None,
+    ) -> ChatResult:
         """Send a chat ``body`` with quick retries; the result, timed over every try."""
         payload = self._encode(body)
         headers = {TASK_HEADER: task_tag} if task_tag else {}
         started = time.monotonic()
         streamed, attempts = await self._retrying(
-            "chat", model, lambda: self._chat_once(payload, headers)
+            "chat", model, lambda: self._chat_once(payload, headers, first_byte_s)
         )
         return ChatResult(
             content=streamed.content,
@@ -369,6 +424,7 @@ class HttpBackend(ABC):
             wall_s=time.monotonic() - started,
             first_byte_s=streamed.first_byte_s,
             attempts=attempts,
+            thinking=streamed.thinking,
         )
 
     async def _retrying(
@@ -376,9 +432,10 @@ class HttpBackend(ABC):
     ) -> tuple[T, int]:
         """Run ``call`` with up to ``config.retries`` quick retries; return (result, tries).
 
-        Only retryable errors are retried; the last one is re-raised with a note
-        saying how many tries were made.
+        Only transient errors are retried here; the last one is re-raised with a
+        note saying how many tries were made.
         """
+        backoff = Backoff(self._backoff_base_s, self._backoff_cap_s, self._rng)
         attempt = 0
         while True:
             attempt += 1
@@ -389,9 +446,7 @@ class HttpBackend(ABC):
                     if attempt > 1:
                         exc.add_note(f"gave up after {attempt} tries")
                     raise
-                delay = backoff_delay(
-                    attempt, base_s=self._backoff_base_s, cap_s=self._backoff_cap_s, rng=self._rng
-                )
+                delay = backoff.next()
                 log.warning(
                     "backend_call_retried",
                     backend=self.name,
@@ -424,14 +479,19 @@ class HttpBackend(ABC):
         """
         sent = {"Content-Type": "application/json"} if payload is not None else {}
         try:
-            async with self._session.request(
-                method,
-                self.url + path,
-                data=payload,
-                headers={**sent, **(headers or {})},
-                timeout=client_timeout,
-                allow_redirects=False,
-            ) as resp:
+            # A server may send its headers only with the first chunk (Ollama does), so
+            # with a reader they arrive within the reader's first-byte allowance.
+            wait = None if reader is None else reader.first_deadline - time.monotonic()
+            async with asyncio.timeout(wait):
+                response = await self._session.request(
+                    method,
+                    self.url + path,
+                    data=payload,
+                    headers={**sent, **(headers or {})},
+                    timeout=client_timeout,
+                    allow_redirects=False,
+                )
+            async with response as resp:
                 if resp.status != 200:
                     raise await self._status_error(resp, path)
                 yield resp
@@ -444,9 +504,14 @@ class HttpBackend(ABC):
     def _who(self) -> str:
         return f"backend {self.name!r} ({self.url})"
 
-    def _reader(self) -> BodyReader:
+    def _reader(self, first_byte_s: float | None = None) -> BodyReader:
         """A reader for one attempt's body; its clock starts now."""
-        return BodyReader(self._who(), self._max_line_bytes)
+        return BodyReader(
+            self._who(),
+            self._max_line_bytes,
+            idle_s=self._read_timeout_s,
+            first_byte_s=first_byte_s,
+        )
 
     def _not_allowed(self, model: str, allowed: Iterable[str]) -> ModelNotAllowed:
         """The error for a model outside the allow-list ``allowed`` (listed, sorted)."""

@@ -34,7 +34,6 @@ import aiohttp
 from ihld.backends.base import (
     OLLAMA_METRICS,
     BackendError,
-    BackendUnavailable,
     BadRequest,
     ChatRequest,
     ChatResult,
@@ -137,7 +136,12 @@ class OllamaBackend(HttpBackend):
     # ------------------------------------------------------------------ chat
 
     async def chat(
-        self, request: ChatRequest, *, keep_alive: KeepAlive | None, task_tag: str = ""
+        self,
+        request: ChatRequest,
+        *,
+        keep_alive: KeepAlive | None,
+        task_tag: str = "",
+        first_byte_s: float | None = None,
     ) -> ChatResult:
         """Run one streamed chat and return the whole text with Ollama's figures.
 
@@ -162,41 +166,48 @@ class OllamaBackend(HttpBackend):
             body["options"] = request.options
         if request.format is not None:
             body["format"] = request.format
-        if request.think is not None:
+        if request.think is not None:  # absent: a thinking model thinks (routes.go)
             body["think"] = request.think
         if keep_alive is not None:
             body["keep_alive"] = self._wire_keep_alive(keep_alive)
-        return await self._chat(request.model, body, task_tag)
+        return await self._chat(request.model, body, task_tag, first_byte_s)
 
-    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> Streamed:
+    async def _chat_once(
+        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+    ) -> Streamed:
         """One try: POST, then read NDJSON until the done object.
 
         ``first_byte_s`` is measured from the start of this try, so a retry's
         backoff does not inflate the time-to-first-token figure.
         """
-        reader = self._reader()
+        reader = self._reader(first_byte_s)
         parts: list[str] = []
+        thinking: list[str] = []
         async with self._response(
             "POST",
             "/api/chat",
-            client_timeout=self._timeout,
+            client_timeout=self._stream_timeout,
             payload=payload,
             headers=headers,
             reader=reader,
         ) as resp:
             async for line in reader.lines(resp.content):
-                final = self._take_chunk(line, parts)
+                final = self._take_chunk(line, parts, thinking)
                 if final is not None:
-                    return self._finished(final, parts, reader.first_byte_s or 0.0)
-        if not reader.started:
-            raise BackendUnavailable(f"{self._who()}: empty response to /api/chat")
+                    done = self._finished(final, parts, reader.first_byte_s or 0.0)
+                    done.thinking = "".join(thinking)
+                    return done
+        # Ollama's token-repeat abort (llm/server.go) ends a stream like this: neither a
+        # done object nor an error. It counts an attempt; the server is not down.
         raise StreamBroken(
             f"{self._who()}: stream ended without a done object after "
             f"{sum(len(p) for p in parts)} characters"
         )
 
-    def _take_chunk(self, line: bytes, parts: list[str]) -> dict[str, Any] | None:
-        """Fold one streamed object into ``parts``; return it if it is the done object."""
+    def _take_chunk(
+        self, line: bytes, parts: list[str], thinking: list[str]
+    ) -> dict[str, Any] | None:
+        """Fold one streamed object into ``parts`` (and ``thinking``); return the done object."""
         try:
             obj = json.loads(line)
         except ValueError:
@@ -212,6 +223,9 @@ class OllamaBackend(HttpBackend):
             content = message.get("content")
             if isinstance(content, str):
                 parts.append(content)
+            thought = message.get("thinking")
+            if isinstance(thought, str):
+                thinking.append(thought)
         return obj if obj.get("done") is True else None
 
     def _finished(self, final: dict[str, Any], parts: list[str], first_byte_s: float) -> Streamed:
@@ -225,8 +239,18 @@ class OllamaBackend(HttpBackend):
 
     # ---------------------------------------------------------- load / unload
 
-    async def load(self, model: str, *, keep_alive: KeepAlive | None) -> LoadResult:
-        """Load ``model`` (``messages: []``) and pin it for ``keep_alive``.
+    async def load(
+        self,
+        model: str,
+        *,
+        keep_alive: KeepAlive | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> LoadResult:
+        """Load ``model`` (``messages: []``) with runner ``options``; pin it for ``keep_alive``.
+
+        The options go with the load because Ollama compares them with the next
+        chat's (server/sched.go ``needsReload``): a load without them would be
+        followed by a reload at the first chat that sets ``num_ctx`` and friends.
 
         ``load_duration_ns`` is Ollama's figure when the reply has one; Ollama's
         load reply carries no metrics, so it is usually 0 and ``wall_s`` (which
@@ -235,6 +259,8 @@ class OllamaBackend(HttpBackend):
         """
         self._check_allowed(model)
         body: dict[str, Any] = {"model": model, "messages": [], "stream": False}
+        if options:
+            body["options"] = dict(options)
         if keep_alive is not None:
             wire = self._wire_keep_alive(keep_alive)
             if parse_keep_alive(wire) == 0:

@@ -346,7 +346,12 @@ class OpenAIBackend(HttpBackend):
     # ------------------------------------------------------------------ chat
 
     async def chat(
-        self, request: ChatRequest, *, keep_alive: KeepAlive | None, task_tag: str = ""
+        self,
+        request: ChatRequest,
+        *,
+        keep_alive: KeepAlive | None,
+        task_tag: str = "",
+        first_byte_s: float | None = None,
     ) -> ChatResult:
         """Run one chat (SSE unless ``stream=False``) and return the text with the server's figures.
 
@@ -362,7 +367,7 @@ class OpenAIBackend(HttpBackend):
             body = request_body(request, stream=self._stream, dropped=self._note_dropped)
         except ValueError as exc:
             raise BadRequest(f"{self._who()}: {exc}") from None
-        return await self._chat(request.model, body, task_tag)
+        return await self._chat(request.model, body, task_tag, first_byte_s)
 
     def _note_dropped(self, name: str) -> None:
         if name not in self._dropped_warned:
@@ -374,14 +379,16 @@ class OpenAIBackend(HttpBackend):
                 reason="no OpenAI-compatible equivalent (docs/backends.md)",
             )
 
-    async def _chat_once(self, payload: bytes, headers: Mapping[str, str]) -> Streamed:
+    async def _chat_once(
+        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+    ) -> Streamed:
         """One try: POST, then read SSE events until ``[DONE]`` (or one JSON object)."""
-        reader = self._reader()
+        reader = self._reader(first_byte_s)
         state = _Stream()
         async with self._response(
             "POST",
             CHAT_PATH,
-            client_timeout=self._timeout if self._stream else self._long_timeout,
+            client_timeout=self._stream_timeout if self._stream else self._long_timeout,
             payload=payload,
             headers={**self._auth, **headers},
             reader=reader,
@@ -392,8 +399,6 @@ class OpenAIBackend(HttpBackend):
             async for line in reader.lines(resp.content):
                 if self._take_line(line, state, reader.t0):
                     return self._finished(state)
-        if not reader.started:
-            raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
         reason = f", finish_reason {state.finish_reason!r}" if state.finish_reason else ""
         raise StreamBroken(
             f"{self._who()}: stream ended without data: [DONE] after {state.chars} "
@@ -490,7 +495,7 @@ class OpenAIBackend(HttpBackend):
     ) -> BackendError:
         """An error sent with status 200 (in the stream, or as the whole reply).
 
-        A stream error is a cut stream (retryable), unless the server gave it a
+        A stream error counts an attempt, unless the server gave it a
         client-error code (llama-server's context-size 400, a vLLM 400): asking
         again gets the same answer, so that is a BadRequest / ModelNotFound.
         """
@@ -507,7 +512,13 @@ class OpenAIBackend(HttpBackend):
 
     # ---------------------------------------------------------- load / unload
 
-    async def load(self, model: str, *, keep_alive: KeepAlive | None) -> LoadResult:
+    async def load(
+        self,
+        model: str,
+        *,
+        keep_alive: KeepAlive | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> LoadResult:
         """Check that ``model`` is listed by ``/v1/models``; the server has no load call.
 
         Returns at once with ``load_duration_ns`` 0 and the probe's wall time.
@@ -531,9 +542,9 @@ class OpenAIBackend(HttpBackend):
 
     # ------------------------------------------------------------- read-only
 
-    async def ps(self) -> list[dict[str, Any]]:
-        """Always empty: these servers do not report what is resident."""
-        return []
+    async def ps(self) -> list[dict[str, Any]] | None:
+        """None: these servers do not report what is resident."""
+        return None
 
     async def list_models(self) -> list[dict[str, Any]]:
         """The served models: ``/v1/models``'s ``data`` (id, object, created, owned_by)."""

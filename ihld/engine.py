@@ -635,11 +635,10 @@ class Engine:
         log.info("model_unloaded")
 
     async def _reconcile_loop(self) -> None:
-        """Read what each server holds while there is work (Ollama evicts on its own)."""
+        """Read what each server holds (Ollama evicts on its own, idle or not)."""
         while True:
             await asyncio.sleep(self.config.scheduler.reconcile_s)
-            if self.jobs:
-                await self.reconcile()
+            await self.reconcile()
 
     async def reconcile(self) -> None:
         """Align the scheduler's residency with each up backend's own list, once."""

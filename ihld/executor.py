@@ -101,6 +101,7 @@ def finalize_request(request: ChatRequest, stage: StageSpec) -> ChatRequest:
         model=stage.model or request.model,
         options=options,
         format=stage.format if stage.format is not None else request.format,
+        think=stage.think if stage.think is not None else request.think,
     )
 
 

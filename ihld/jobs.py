@@ -30,6 +30,8 @@ RUNNER_OPTIONS = frozenset(
 )
 
 JsonFormat = Literal["json"] | dict[str, Any]
+# Ollama's ``think``: on/off, or a level for models that have levels (api/types.go).
+Think = bool | Literal["high", "medium", "low"]
 
 
 class StageOverride(BaseModel):
@@ -40,6 +42,7 @@ class StageOverride(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=200)
     options: dict[str, Any] | None = None
     format: JsonFormat | None = None
+    think: Think | None = None
 
 
 class StageSpec(BaseModel):
@@ -53,6 +56,7 @@ class StageSpec(BaseModel):
     needs: tuple[str, ...] | None = None  # None: the stage before it (a chain)
     options: dict[str, Any] = Field(default_factory=dict)
     format: JsonFormat | None = None
+    think: Think | None = None  # None: the model's default (thinking models think)
     system: str | None = None  # for the prompt actor
     prompt: str | None = None  # for the prompt actor: a template, see ihld.builtin
     params: dict[str, Any] = Field(default_factory=dict)  # free, actor-specific
@@ -325,6 +329,8 @@ def resolve(
                 update["options"] = {**stage.options, **override.options}
             if override.format is not None:
                 update["format"] = override.format
+            if override.think is not None:
+                update["think"] = override.think
         model = update.get("model") or stage.model or actor_models[stage.actor]
         if not model:
             raise JobError(

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import structlog
 
 from ihld import failpoints
+from ihld.backoff import Backoff
 from ihld.spool import Spool, encode_record, link_free, sync_data, write_unsynced
 
 log = structlog.get_logger("ihld.commit")
@@ -100,7 +101,7 @@ class GroupCommitter:
     # -- the committer --------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -110,17 +111,17 @@ class GroupCommitter:
                     results = await asyncio.to_thread(self._commit, batch)
                 except OSError as exc:
                     self.failures += 1
+                    delay = backoff.next()
                     log.error(
                         "commit_failed",
                         error=str(exc),
                         errno=exc.errno,
                         writes=len(batch),
-                        retry_in_s=backoff,
+                        retry_in_s=round(delay, 3),
                     )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                    await asyncio.sleep(delay)
                     continue
-                backoff = 0.5
+                backoff.reset()
                 del self._pending[: len(batch)]
                 self.batches += 1
                 self.writes += len(batch)

@@ -38,6 +38,7 @@ from ihld import logs
 from ihld.backends.base import Backend
 from ihld.backends.ollama import OllamaBackend, make_session
 from ihld.backends.openai import OpenAIBackend
+from ihld.backoff import Backoff
 from ihld.config import Config, load_config
 from ihld.control import start_control
 from ihld.engine import Engine
@@ -342,10 +343,13 @@ class Daemon:
 
         (issue 4: it used to retry once and return, leaving the claim stuck until a restart.)
         """
-        pause = 5.0
+        backoff = Backoff(2.0, 30.0)
         while True:
+            pause = backoff.next()
             self._intake_paused_until = time.monotonic() + pause + 1.0
-            log.error("intake_paused", error=str(exc), errno=exc.errno, retry_in_s=pause)
+            log.error(
+                "intake_paused", error=str(exc), errno=exc.errno, retry_in_s=round(pause, 3)
+            )
             await asyncio.sleep(pause)
             try:
                 for path in self.spool.claimed_files():

@@ -186,3 +186,29 @@ def test_any_fault_sequence_ends_every_job_once(
     assert set(ends) == {f"p{n}" for n in range(jobs)}
     repeated = {task: n for task, n in peer.completed.items() if n > 1}
     assert not repeated, f"stages answered in full more than once: {repeated}"
+
+
+@pytest.mark.parametrize("scenario", ["missing-model", "outage-deadline"])
+async def test_the_two_runs_that_never_ended_now_end(
+    tmp_path: Path, sim_factory: Any, scenario: str
+) -> None:
+    """As reported: five jobs on a model the simulator lacks; three debate jobs with a
+    4 s deadline against a simulator that fails every request. Both used to hang."""
+    args = ("--error-rate", "1.0") if scenario == "outage-deadline" else ()
+    sim = sim_factory("laptop-6gb", 50.0, *args)
+    config = _config(tmp_path, [sim.url])
+    if scenario == "missing-model":
+        lines = [_job(f"j{n}", "nosuch:1b") for n in range(5)]
+    else:
+        lines = [json.dumps({"id": f"d{n}", "pipeline": "debate", "input": {"topic": "x"},
+                             "deadline_s": 4}) for n in range(3)]
+    for n, line in enumerate(lines):  # one file each, claimed one after another
+        (tmp_path / "spool" / "inbox" / f"{n}.json").write_text(line)
+    await _run_once(config)
+    ends = _ends(tmp_path / "spool")
+    assert set(ends) == {json.loads(line)["id"] for line in lines}
+    if scenario == "missing-model":
+        assert set(ends.values()) == {("failed", "model_not_found")}
+    else:  # whichever comes first: the deadline, or the attempts of a failing stage
+        kinds = {"deadline", "stage_timeout", "read_timeout", "stream_error", "server_error"}
+        assert all(state == "failed" and kind in kinds for state, kind in ends.values()), ends

@@ -29,26 +29,46 @@ class StageContext:
 
 
 @runtime_checkable
-class Actor(Protocol):
-    """A stage implementation. Register instances through ``register_actors``.
-
-    ``name`` is what pipeline stages refer to in ``actor = "..."``.
-    ``default_model`` is used when neither the stage, the config nor the job
-    names a model.
-    """
+class ActorLike(Protocol):
+    """What the daemon calls on an actor; subclass ``Actor`` rather than matching this."""
 
     name: str
     default_model: str | None
 
+    def build_request(self, ctx: StageContext) -> ChatRequest: ...
+
+    def parse_response(self, ctx: StageContext, result: ChatResult) -> Any: ...
+
+
+class Actor:
+    """A stage implementation: subclass it, set ``name``, write ``build_request``.
+
+    ``name`` is what pipeline stages refer to in ``actor = "..."``.
+    ``default_model`` is used when neither the stage, the config nor the job
+    names a model. Register instances through ``register_actors``.
+
+    The stage's settings win over the actor's: ``chat_request`` takes the
+    model, ``options``, ``format`` and ``think`` from the stage (job file,
+    config overrides) where it sets them, and the actor's own values only
+    where it does not (docs/plugins.md, "Precedence").
+    """
+
+    name: str = ""
+    default_model: str | None = None
+
     def build_request(self, ctx: StageContext) -> ChatRequest:
-        """Build the chat request for this stage. Use ``ctx.stage.model``."""
-        ...
+        """Build the chat request for this stage, usually with ``chat_request(ctx, messages)``."""
+        raise NotImplementedError(f"actor {self.name!r} must define build_request")
 
     def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
         """Turn the reply into this stage's output (JSON-serialisable).
 
-        Raise ``ihld.errors.StageError`` to fail the attempt (e.g. a reply
-        that does not follow the requested format); it is retried up to the
-        attempt limit.
+        By default: the reply text, or the parsed JSON when the stage asked for a
+        ``format``. Raise ``StageError`` to fail the attempt (a reply off the
+        requested format); it is retried up to the attempt limit.
         """
-        ...
+        if ctx.stage.format is None:
+            return result.content
+        from ihld.builtin import parse_json_reply
+
+        return parse_json_reply(result.content, ctx.stage.format)

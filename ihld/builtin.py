@@ -25,7 +25,7 @@ from typing import Any
 
 from ihld import jsonsafe
 from ihld.actors import Actor, StageContext
-from ihld.backends.base import ChatRequest, ChatResult
+from ihld.backends.base import ChatRequest
 from ihld.errors import StageError
 from ihld.hookspecs import hookimpl
 from ihld.jobs import JsonFormat, StageSpec
@@ -216,20 +216,25 @@ def render_template(template: str, ctx: StageContext) -> str:
 
 
 def chat_request(
-    ctx: StageContext, messages: list[dict[str, Any]], *, format: JsonFormat | None = None
+    ctx: StageContext,
+    messages: list[dict[str, Any]],
+    *,
+    format: JsonFormat | None = None,
+    options: Mapping[str, Any] | None = None,
+    think: bool | str | None = None,
 ) -> ChatRequest:
-    """A ChatRequest for this stage: its model and options, and ``format`` (default: the stage's).
-
-    Actors should build requests through this so job and config overrides of
-    ``options`` and ``format`` reach the server.
+    """A ChatRequest for this stage. The stage wins: its model, and its ``options``,
+    ``format`` and ``think`` where it sets them; the arguments are the actor's
+    defaults for what it does not set (the same rule the daemon applies last).
     """
     if not ctx.stage.model:
         raise StageError(f"stage {ctx.stage.name!r} has no model", retryable=False, kind="no_model")
     return ChatRequest(
         model=ctx.stage.model,
         messages=messages,
-        options=dict(ctx.stage.options),
-        format=format if format is not None else ctx.stage.format,
+        options={**(options or {}), **ctx.stage.options},
+        format=ctx.stage.format if ctx.stage.format is not None else format,
+        think=ctx.stage.think if ctx.stage.think is not None else think,
     )
 
 
@@ -273,7 +278,7 @@ def check_stage(stage: StageSpec, *, earlier: Collection[str] | None = None) -> 
         raise TemplateError(f"stage {stage.name!r}: prompt: {exc}") from None
 
 
-class PromptActor:
+class PromptActor(Actor):
     """Send ``stage.system`` and the rendered ``stage.prompt``; return text or parsed JSON.
 
     The system message is sent as written (not a template), so it may contain
@@ -281,7 +286,6 @@ class PromptActor:
     """
 
     name = "prompt"
-    default_model: str | None = None
 
     def build_request(self, ctx: StageContext) -> ChatRequest:
         if ctx.stage.prompt is None:
@@ -295,11 +299,6 @@ class PromptActor:
             messages.append({"role": "system", "content": ctx.stage.system})
         messages.append({"role": "user", "content": render_template(ctx.stage.prompt, ctx)})
         return chat_request(ctx, messages)
-
-    def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
-        if ctx.stage.format is None:
-            return result.content
-        return parse_json_reply(result.content, ctx.stage.format)
 
 
 PROMPT_ACTOR = PromptActor()

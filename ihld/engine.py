@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from ihld.actors import Actor, StageContext
+from ihld.actors import ActorLike, StageContext
 from ihld.backends.base import Backend, BackendError
 from ihld.backoff import Backoff, backoff_delay
 from ihld.commit import GroupCommitter
@@ -72,7 +72,7 @@ class Engine:
         config: Config,
         spool: Spool,
         backends: Mapping[str, Backend],
-        actors: Callable[[], Mapping[str, Actor]],
+        actors: Callable[[], Mapping[str, ActorLike]],
         notify: Notify = _no_notify,
         inflight_log: InflightLog | None = None,
     ) -> None:

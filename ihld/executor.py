@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ihld import jsonsafe
-from ihld.actors import Actor, StageContext
+from ihld.actors import ActorLike, StageContext
 from ihld.backends.base import (
     Backend,
     BackendError,
@@ -140,7 +140,7 @@ def stage_record(
 
 async def run_stage(
     *,
-    actor: Actor,
+    actor: ActorLike,
     ctx: StageContext,
     backend: Backend,
     keep_alive: KeepAlive | None,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ihld import jsonsafe
-from ihld.actors import StageContext
+from ihld.actors import Actor, StageContext
 from ihld.backends.base import ChatRequest, ChatResult
 from ihld.errors import JobError
 from ihld.jobs import JobSpec, JsonFormat, StageSpec
@@ -120,7 +120,7 @@ def to_spec(value: dict[str, Any]) -> JobSpec:
     return JobSpec(stages=[stage], input={"custom_id": custom_id, "messages": messages})
 
 
-class OpenAIChatActor:
+class OpenAIChatActor(Actor):
     """Sends a batch line's messages as they are; the output is the reply text.
 
     With a ``response_format`` the reply must parse (and match the schema),
@@ -129,7 +129,6 @@ class OpenAIChatActor:
     """
 
     name = ACTOR
-    default_model: str | None = None
 
     def build_request(self, ctx: StageContext) -> ChatRequest:
         return ChatRequest(model=ctx.stage.model or "", messages=list(ctx.input["messages"]),

@@ -38,7 +38,7 @@ import structlog
 from pydantic import ValidationError
 
 from ihld import builtin, hookspecs
-from ihld.actors import Actor
+from ihld.actors import ActorLike
 from ihld.config import PipelineConfig
 from ihld.errors import JobError, PluginError
 from ihld.jobs import Job, JobSpec, StageOverride, StageSpec, format_validation_error, resolve
@@ -81,7 +81,7 @@ class PluginHost:
     def __init__(
         self,
         pm: pluggy.PluginManager,
-        actors: dict[str, Actor],
+        actors: dict[str, ActorLike],
         pipelines: dict[str, tuple[StageSpec, ...]],
         pipeline_overrides: dict[str, dict[str, StageOverride]],
         *,
@@ -281,7 +281,7 @@ class _Loader:
         if _tracing_enabled():
             _add_tracing(self.pm)
         self.infos: dict[str, _PluginInfo] = {}
-        self.actors: dict[str, Actor] = {}
+        self.actors: dict[str, ActorLike] = {}
         self.actor_owners: dict[str, str] = {}
         self.pipelines: dict[str, tuple[StageSpec, ...]] = {}
         self.pipeline_owners: dict[str, str] = {}
@@ -425,8 +425,8 @@ class _Loader:
                     f"plugin {info.label()}: {hook_name} raised {type(exc).__name__}: {exc}"
                 ) from exc
 
-    def actor_registrar(self, plugin_name: str) -> Callable[[Actor], None]:
-        def register(actor: Actor) -> None:
+    def actor_registrar(self, plugin_name: str) -> Callable[[ActorLike], None]:
+        def register(actor: ActorLike) -> None:
             _check_actor(actor, self.infos[plugin_name])
             self._claim("actor", actor.name, plugin_name, self.actors, self.actor_owners, actor)
             self.infos[plugin_name].actors.append(actor.name)

@@ -19,12 +19,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ihld.actors import Actor, StageContext
-from ihld.backends.base import ChatRequest, ChatResult
-from ihld.builtin import chat_request, parse_json_reply
-from ihld.errors import StageError
-from ihld.hookspecs import hookimpl
-from ihld.jobs import StageSpec
+from ihld import (
+    Actor,
+    ChatRequest,
+    ChatResult,
+    StageContext,
+    StageError,
+    StageSpec,
+    chat_request,
+    hookimpl,
+    parse_json_reply,
+)
 
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -60,11 +65,9 @@ def earlier(ctx: StageContext, stage: str) -> str:
     return str(ctx.outputs[stage]).strip()
 
 
-class Debater:
+class Debater(Actor):
     """What the three roles share: a system prompt, a user prompt, a text reply."""
 
-    name: str
-    default_model: str | None
     system: str
     reply_format: dict[str, Any] | None = None  # a JSON schema, used if the stage sets none
 
@@ -78,7 +81,7 @@ class Debater:
                 {"role": "system", "content": self.system},
                 {"role": "user", "content": self.prompt(ctx)},
             ],
-            format=ctx.stage.format or self.reply_format,
+            format=self.reply_format,  # the stage's own format, if it sets one, wins
         )
 
     def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
@@ -87,7 +90,7 @@ class Debater:
 
 class Proposer(Debater):
     name = "proposer"
-    default_model: str | None = "qwen2.5:7b"
+    default_model = "qwen2.5:7b"
     system = (
         "You are the proposer in a debate. Argue FOR the motion with your three "
         "strongest arguments, in under 200 words."
@@ -99,7 +102,7 @@ class Proposer(Debater):
 
 class Critic(Debater):
     name = "critic"
-    default_model: str | None = "gemma2:9b"
+    default_model = "gemma2:9b"
     system = (
         "You are the critic in a debate. Rebut the proposer's argument: find its "
         "weakest points and argue AGAINST the motion, in under 200 words."
@@ -111,7 +114,7 @@ class Critic(Debater):
 
 class Judge(Debater):
     name = "judge"
-    default_model: str | None = "qwen2.5:7b"
+    default_model = "qwen2.5:7b"
     system = (
         "You are the judge of a debate. Decide who argued better. Reply with JSON: "
         '"winner" ("proposer" or "critic"), "score" (1 to 10, how clear the win '

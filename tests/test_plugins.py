@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import textwrap
 from collections.abc import Callable
@@ -13,13 +14,14 @@ import pytest
 import structlog.testing
 
 from ihld import builtin
-from ihld.actors import Actor, StageContext
+from ihld.actors import Actor, ActorLike, StageContext
 from ihld.backends.base import ChatRequest, ChatResult
 from ihld.config import PipelineConfig
 from ihld.errors import JobError, PluginError
 from ihld.hookspecs import hookimpl
 from ihld.jobs import Job, StageOverride, StageSpec, parse_document
 from ihld.plugins import PluginHost, load_plugins
+from tests.conftest import REPO
 
 ECHO = """
 from ihld.backends.base import ChatRequest
@@ -118,7 +120,7 @@ def test_hook_register_actors(plugin_dir: Path) -> None:
     host = load(plugin_dir)
     assert set(host.actors) == {"prompt", "openai-chat", "echo"}
     assert host.actors["echo"].name == "echo"
-    assert isinstance(host.actors["echo"], Actor)
+    assert isinstance(host.actors["echo"], ActorLike)  # duck-typed actors register too
     assert host.actor_models() == {"prompt": None, "openai-chat": None, "echo": "m1"}
     assert row(host, "echoes")["actors"] == ["echo"]
     assert row(host, "echoes")["hooks"] == ["register_actors"]
@@ -839,3 +841,17 @@ def test_resolve_leaves_other_actors_templates_alone(plugin_dir: Path) -> None:
     write(plugin_dir, "echoes", echo())
     spec = parse_document({"stages": [{"name": "a", "actor": "echo", "prompt": "{x.y}"}]})
     assert load(plugin_dir).resolve(spec, "j").stages[0].model == "m1"
+
+
+def test_plugin_author_imports_only_from_ihld() -> None:
+    """The plugin API is one import: the worked example and the docs' plugin examples use
+    ``from ihld import ...`` and nothing deeper (the host API section is for the daemon)."""
+    import ihld
+
+    docs = (REPO / "docs" / "plugins.md").read_text().split("## For the daemon")[0]
+    sources = {"plugins/debate.py": (REPO / "plugins" / "debate.py").read_text(), "docs": docs}
+    for where, text in sources.items():
+        deep = re.findall(r"^\s*(?:from|import) ihld\.\S+", text, flags=re.MULTILINE)
+        assert not deep, f"{where} imports ihld internals: {deep}"
+    for name in ihld.__all__:
+        assert getattr(ihld, name) is not None, name

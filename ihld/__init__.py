@@ -27,6 +27,13 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ihld.hookspecs import hookimpl as hookimpl
     from ihld.jobs import Job as Job
     from ihld.jobs import StageSpec as StageSpec
+    from ihld.policies import Affinity as Affinity
+    from ihld.policies import Fifo as Fifo
+    from ihld.scheduler import Action as Action
+    from ihld.scheduler import BackendSlots as BackendSlots
+    from ihld.scheduler import Policy as Policy
+    from ihld.scheduler import Scheduler as Scheduler
+    from ihld.scheduler import Task as Task
 
 _API = {
     "Actor": "ihld.actors",
@@ -40,17 +47,31 @@ _API = {
     "hookimpl": "ihld.hookspecs",
     "Job": "ihld.jobs",
     "StageSpec": "ihld.jobs",
+    "Affinity": "ihld.policies",
+    "Fifo": "ihld.policies",
+    "Action": "ihld.scheduler",
+    "BackendSlots": "ihld.scheduler",
+    "Policy": "ihld.scheduler",
+    "Scheduler": "ihld.scheduler",
+    "Task": "ihld.scheduler",
 }
 
 __all__ = [
+    "Action",
     "Actor",
     "ActorLike",
+    "Affinity",
+    "BackendSlots",
     "ChatRequest",
     "ChatResult",
+    "Fifo",
     "Job",
+    "Policy",
+    "Scheduler",
     "StageContext",
     "StageError",
     "StageSpec",
+    "Task",
     "__version__",
     "chat_request",
     "hookimpl",

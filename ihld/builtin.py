@@ -29,6 +29,8 @@ from ihld.backends.base import ChatRequest
 from ihld.errors import StageError
 from ihld.hookspecs import hookimpl
 from ihld.jobs import JsonFormat, StageSpec
+from ihld.policies import BUILTIN as BUILTIN_POLICIES
+from ihld.scheduler import PolicyFactory
 from ihld.schema import json_type, validate_schema
 
 __all__ = [
@@ -314,3 +316,10 @@ def register_actors(register: Callable[[Actor], None]) -> None:
 
     register(PROMPT_ACTOR)
     register(OpenAIChatActor())
+
+
+@hookimpl(trylast=True)
+def register_policies(register: Callable[[str, PolicyFactory], None]) -> None:
+    """``affinity`` (the default) and ``fifo`` (the baseline); a plugin may replace them."""
+    for name, factory in BUILTIN_POLICIES.items():
+        register(name, factory)

@@ -209,6 +209,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"  hooks:     {', '.join(plugin.get('hooks', [])) or '-'}")
         print(f"  actors:    {', '.join(plugin.get('actors', [])) or '-'}")
         print(f"  pipelines: {', '.join(plugin.get('pipelines', [])) or '-'}")
+        print(f"  policies:  {', '.join(plugin.get('policies', [])) or '-'}")
     return 0
 
 

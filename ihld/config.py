@@ -55,7 +55,8 @@ class BackendConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    policy: Literal["affinity", "fifo"] = "affinity"
+    # a registered policy: "affinity", "fifo", or one a plugin adds (register_policies)
+    policy: str = Field(default="affinity", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     max_wait_s: float = Field(default=600.0, gt=0)  # bound for higher-priority work
     fair_wait_s: float | None = Field(default=None, gt=0)  # bound for all work (off)
     fifo_workers: int = Field(default=1, ge=1)  # concurrent jobs under fifo (the seed had 1)

@@ -49,6 +49,7 @@ from ihld.metrics import Metrics
 from ihld.openai_batch import BatchTracker
 from ihld.plugins import PluginHost, load_plugins
 from ihld.progress import JobProgress
+from ihld.scheduler import PolicyFactory
 from ihld.spool import InflightLog, Spool
 from ihld.status import PsCache, snapshot, summary_line
 from ihld.systemd import Notifier, watchdog_loop
@@ -121,6 +122,7 @@ class Daemon:
                 actors=lambda: self.host.actors,
                 notify=self._notify,
                 inflight_log=inflight_log,
+                policy=self._policy(),
             )
             self.batches = BatchTracker(self.spool)
             self.intake = Intake(
@@ -173,6 +175,17 @@ class Daemon:
                 jobs_failed=self.engine.counters.jobs_failed,
             )
         return 0
+
+    def _policy(self) -> PolicyFactory:
+        name = self.config.scheduler.policy
+        factory = self.host.policies.get(name)
+        if factory is None:
+            known = ", ".join(sorted(self.host.policies))
+            raise ConfigError(
+                f"{self.config.source}: key scheduler.policy: no policy {name!r} is registered "
+                f"(known: {known})"
+            )
+        return factory
 
     def _configure_logs(self, config: Config) -> None:
         logs.configure_logging(

@@ -39,7 +39,17 @@ from ihld.figures import LearnedCosts, ModelFigures
 from ihld.jobs import RUNNER_OPTIONS
 from ihld.parallelism import ParallelWatch
 from ihld.progress import JobProgress
-from ihld.scheduler import Action, BackendSlots, Dispatch, Drop, Load, Scheduler, Task, Unload
+from ihld.scheduler import (
+    Action,
+    BackendSlots,
+    Dispatch,
+    Drop,
+    Load,
+    PolicyFactory,
+    Scheduler,
+    Task,
+    Unload,
+)
 from ihld.spool import InflightLog, Spool
 
 log = structlog.get_logger("ihld")
@@ -75,6 +85,7 @@ class Engine:
         actors: Callable[[], Mapping[str, ActorLike]],
         notify: Notify = _no_notify,
         inflight_log: InflightLog | None = None,
+        policy: PolicyFactory,
     ) -> None:
         self.config = config
         # Backends are fixed for the daemon's life (a change needs a restart), so a
@@ -97,7 +108,7 @@ class Engine:
         self.figures: dict[str, ModelFigures] = collections.defaultdict(ModelFigures)
         self.scheduler = Scheduler(
             slots,
-            policy=config.scheduler.policy,
+            policy=policy,
             max_wait_s=config.scheduler.max_wait_s,
             fair_wait_s=config.scheduler.fair_wait_s,
             fifo_workers=config.scheduler.fifo_workers,
@@ -301,7 +312,7 @@ class Engine:
             outputs=MappingProxyType(progress.outputs),
             attempt=task.attempt,
         )
-        keep_alive = cfg.keep_alive if self.scheduler.policy == "affinity" else None
+        keep_alive = cfg.keep_alive if self.scheduler.policy.pins_models else None
         current = asyncio.current_task()
         if current is not None:
             self._requests[task.key] = current

@@ -25,6 +25,7 @@ import pluggy
 
 from ihld.actors import Actor
 from ihld.jobs import Job, StageSpec
+from ihld.scheduler import PolicyFactory
 
 PROJECT = "ihld"
 
@@ -32,7 +33,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # Called once per load, with a ``register`` callback, to build the tables.
-REGISTRATION_HOOKS = ("register_actors", "register_pipelines")
+REGISTRATION_HOOKS = ("register_actors", "register_pipelines", "register_policies")
 # Called by the daemon through ``PluginHost.notify``; may be async, never fail a job.
 OBSERVER_HOOKS = ("stage_finished", "stage_failed", "job_finished", "job_failed")
 
@@ -72,6 +73,25 @@ def register_pipelines(register: Callable[[str, Sequence[StageSpec]], None]) -> 
         another user plugin registered raises ``ihld.errors.PluginError``.
         The config file's ``[pipelines.<name>]`` tables may override stages
         of a registered pipeline or replace it.
+    :returns: nothing; registration happens only through ``register``.
+    """
+
+
+@hookspec
+def register_policies(register: Callable[[str, PolicyFactory], None]) -> None:
+    """Register scheduling policies: what runs next, where, and when models switch.
+
+    Called once each time plugins are loaded, after pipelines. The daemon
+    uses the one named by ``[scheduler] policy`` (default ``affinity``); the
+    built-in plugin registers ``affinity`` and ``fifo`` (``ihld.policies``).
+
+    :param register: call it as ``register(name, factory)``: ``name`` matches
+        ``[A-Za-z0-9_.-]{1,64}``; ``factory`` is a class (or any callable)
+        called with the ``ihld.scheduler.Scheduler`` once per daemon start,
+        returning an object with the ``ihld.scheduler.Policy`` shape: ``name``,
+        ``pins_models``, ``releases_early``, ``queue_order(task)``,
+        ``plan(backend, now, actions)`` and ``wakeups(now)``. A user plugin may
+        reuse a built-in name: it replaces the built-in policy.
     :returns: nothing; registration happens only through ``register``.
     """
 

@@ -42,6 +42,7 @@ from ihld.actors import ActorLike
 from ihld.config import PipelineConfig
 from ihld.errors import JobError, PluginError
 from ihld.jobs import Job, JobSpec, StageOverride, StageSpec, format_validation_error, resolve
+from ihld.scheduler import PolicyFactory
 
 BUILTIN_NAME = "ihld.builtin"
 ENTRY_POINT_GROUP = "ihld"
@@ -66,6 +67,7 @@ class _PluginInfo:
     dist: str | None = None
     actors: list[str] = field(default_factory=list)
     pipelines: list[str] = field(default_factory=list)
+    policies: list[str] = field(default_factory=list)
 
     def label(self) -> str:
         where = self.file or self.dist
@@ -88,9 +90,11 @@ class PluginHost:
         infos: dict[str, _PluginInfo],
         actor_owners: dict[str, str],
         pipeline_owners: dict[str, str],
+        policies: dict[str, PolicyFactory] | None = None,
     ) -> None:
         self.pm = pm
         self.actors = actors
+        self.policies = policies or {}  # scheduling policies by name (register_policies)
         self.pipelines = pipelines
         self.pipeline_overrides = pipeline_overrides
         self._infos = infos
@@ -160,6 +164,7 @@ class PluginHost:
             "hooks": hooks,
             "actors": actors,
             "pipelines": pipelines,
+            "policies": info.policies,
             "shadowed": shadowed,
         }
 
@@ -285,6 +290,8 @@ class _Loader:
         self.actor_owners: dict[str, str] = {}
         self.pipelines: dict[str, tuple[StageSpec, ...]] = {}
         self.pipeline_owners: dict[str, str] = {}
+        self.policies: dict[str, PolicyFactory] = {}
+        self.policy_owners: dict[str, str] = {}
         self.overrides: dict[str, dict[str, StageOverride]] = {}
 
     # -- registering plugin objects -------------------------------------------------
@@ -433,6 +440,23 @@ class _Loader:
 
         return register
 
+    def policy_registrar(self, plugin_name: str) -> Callable[[str, PolicyFactory], None]:
+        def register(name: str, factory: PolicyFactory) -> None:
+            info = self.infos[plugin_name]
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                raise PluginError(
+                    f"plugin {info.label()}: policy name {name!r} must match [A-Za-z0-9_.-]{{1,64}}"
+                )
+            if not callable(factory):
+                raise PluginError(
+                    f"plugin {info.label()}: policy {name!r} must be a class (or factory) "
+                    "called with the scheduler"
+                )
+            self._claim("policy", name, plugin_name, self.policies, self.policy_owners, factory)
+            info.policies.append(name)
+
+        return register
+
     def pipeline_registrar(self, plugin_name: str) -> Callable[[str, Sequence[StageSpec]], None]:
         def register(name: str, stages: Sequence[StageSpec]) -> None:
             info = self.infos[plugin_name]
@@ -530,6 +554,7 @@ class _Loader:
             infos=self.infos,
             actor_owners=self.actor_owners,
             pipeline_owners=self.pipeline_owners,
+            policies=self.policies,
         )
 
 
@@ -654,6 +679,7 @@ def load_plugins(
     loader.check_hooks()
     loader.call_registration("register_actors", loader.actor_registrar)
     loader.call_registration("register_pipelines", loader.pipeline_registrar)
+    loader.call_registration("register_policies", loader.policy_registrar)
     loader.apply_config(config_pipelines or {})
     loader.check_pipelines()
     host = loader.host()

@@ -7,35 +7,17 @@ answers with what to do now (dispatch a task, load or unload a model), and
 the scheduler's view is updated as soon as it answers, so two calls never
 hand out the same slot.
 
-Policies:
-
-``affinity`` (default)
-    Keep each resident model's slots full while it has ready work. When a
-    backend has room (``max_loaded``), preload the model with the most
-    pressing work. When it is full, switch only when a resident model is
-    idle (no ready and no in-flight work), or when a task whose priority is
-    above everything the backend serves has waited ``max_wait_s`` (or any
-    task has waited ``fair_wait_s``, if set): then the victim drains (its
-    in-flight requests finish), is unloaded, and the next model is loaded on
-    its own so its load time is measured.
-
-    ``prefetch`` requests beyond the slots are kept waiting *at the server*
-    (Ollama queues them on the model's own semaphore, uncapped and outside
-    ``OLLAMA_MAX_QUEUE``), so a slot that frees starts the next request at
-    once instead of after ihld's round trip; the server still runs at most
-    ``slots`` at a time.
-
-``fifo``
-    Job by job, stage by stage, ``fifo_workers`` at a time: the seed
-    script's behaviour, kept as the baseline. No explicit loads; the server
-    swaps models as requests arrive.
+What runs next is a policy's decision (``ihld.policies``: ``affinity``, the
+default, and ``fifo``, the baseline; plugins may add more). The scheduler
+owns the state every policy reads: per-model ready queues, what is resident
+where, what is in flight, retry backoff, and models no backend can serve.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -170,6 +152,35 @@ def same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+class Policy(Protocol):
+    """Decides, for one backend at a time, what to dispatch, load and unload.
+
+    Made once per scheduler (``PolicyFactory``: the class, called with the
+    scheduler); reads the scheduler's queues and residency and answers through
+    ``Scheduler.dispatch`` / ``Scheduler.load`` and the actions list. Registered
+    with the ``register_policies`` hook; ``ihld.policies`` has the built-ins.
+    """
+
+    name: str
+    pins_models: bool  # loads explicitly and holds models with keep_alive while they have work
+    releases_early: bool  # a slot serves the next request while an outcome is being saved
+
+    def queue_order(self, task: Task) -> float:
+        """Order within a model's queue, after priority (lower first)."""
+        ...
+
+    def plan(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
+        """Append what ``backend`` should do now (the backend is up)."""
+        ...
+
+    def wakeups(self, now: float) -> list[float]:
+        """Times to be asked again even if nothing happens (wait bounds)."""
+        ...
+
+
+PolicyFactory = Callable[["Scheduler"], Policy]
+
+
 class Costs(Protocol):
     """What a switch costs and what a model's work is worth, in seconds.
 
@@ -248,7 +259,7 @@ class Scheduler:
         self,
         backends: Iterable[BackendSlots],
         *,
-        policy: Literal["affinity", "fifo"] = "affinity",
+        policy: PolicyFactory,
         max_wait_s: float = 600.0,
         fair_wait_s: float | None = None,
         fifo_workers: int = 1,
@@ -257,7 +268,6 @@ class Scheduler:
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.costs: Costs = costs or FixedCosts()
-        self.policy = policy
         self.max_wait_s = max_wait_s
         self.fair_wait_s = fair_wait_s
         self.fifo_workers = fifo_workers
@@ -269,6 +279,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._delayed: list[tuple[float, int, Task]] = []  # retry backoff
         self._delay_seq = itertools.count()
+        self.policy: Policy = policy(self)
 
     # -- input ----------------------------------------------------------------
 
@@ -285,8 +296,7 @@ class Scheduler:
             queue = self.queues[task.model_key] = ModelQueue()
             self.model_names[task.model_key] = task.model
             self.model_options[task.model_key] = task.options
-        order = float(task.job_seq) if self.policy == "fifo" else task.ready_at
-        queue.push(task, order)
+        queue.push(task, self.policy.queue_order(task))
 
     def cancel_job(self, job_id: str, stages: Iterable[str]) -> None:
         """Forget a job's queued tasks (deadline passed, job failed)."""
@@ -304,7 +314,9 @@ class Scheduler:
         considered. Under ``fifo`` the worker stays taken: job by job means the
         next job waits for this one's checkpoint.
         """
-        if task.released or self.policy == "fifo" or self.inflight.get(task.key) is not task:
+        if task.released or self.inflight.get(task.key) is not task:
+            return
+        if not self.policy.releases_early:
             return
         task.released = True
         backend = self.backends.get(task.backend or "")
@@ -433,21 +445,7 @@ class Scheduler:
         times = [self._delayed[0][0]] if self._delayed else []
         for backend in self.backends.values():
             times.extend(backend.load_retry_at.values())
-            times.extend(
-                r.since + self._stall_after(r.key)
-                for r in backend.resident.values()
-                if r.state is ModelState.LOADING
-            )
-        if self.policy == "affinity":
-            for key, queue in self.queues.items():
-                head = queue.peek()  # in affinity order the head is the oldest of its priority
-                if head is not None:
-                    lead = max(
-                        (self._switch_lead(b, key) for b in self.backends.values()), default=0.0
-                    )
-                    times.append(head.waiting_since + self.max_wait_s - lead)
-                    if self.fair_wait_s is not None:
-                        times.append(head.ready_at + self.fair_wait_s)
+        times.extend(self.policy.wakeups(now))
         future = [t for t in times if t > now]
         return min(future) if future else None
 
@@ -460,12 +458,8 @@ class Scheduler:
         actions: list[Action] = []
         self._drop_unservable(actions)
         for backend in self.backends.values():
-            if not backend.up:
-                continue
-            if self.policy == "fifo":
-                self._fifo(backend, actions)
-            else:
-                self._affinity(backend, now, actions)
+            if backend.up:
+                self.policy.plan(backend, now, actions)
         return actions
 
     def _drop_unservable(self, actions: list[Action]) -> None:
@@ -484,15 +478,8 @@ class Scheduler:
             while len(queue):
                 actions.append(Drop(queue.pop(), why))
 
-    def _stall_after(self, key: str) -> float:
-        """A load taking longer than this waits for the server to evict something.
-
-        Ollama then blocks until the victim's in-flight requests finish, and each
-        new request for the victim resets its timer (ollama #14578, #17408).
-        """
-        return 2 * self.costs.load_s(key) + 5.0
-
-    def _dispatch(self, backend: BackendSlots, queue: ModelQueue, actions: list[Action]) -> None:
+    def dispatch(self, backend: BackendSlots, queue: ModelQueue, actions: list[Action]) -> None:
+        """Send the head of ``queue`` to ``backend`` (a policy's decision)."""
         task = queue.pop()
         task.backend = backend.name
         self.inflight[task.key] = task
@@ -504,195 +491,8 @@ class Scheduler:
         self.stats.dispatched += 1
         actions.append(Dispatch(task, backend.name))
 
-    def _fifo(self, backend: BackendSlots, actions: list[Action]) -> None:
-        while backend.inflight < self.fifo_workers:
-            best: tuple[int, float, str] | None = None
-            for key, queue in self.queues.items():
-                head = queue.peek()
-                if head is None or not backend.serves(head.model):
-                    continue
-                candidate = (-head.priority, float(head.job_seq), key)
-                if best is None or candidate < best:
-                    best = candidate
-            if best is None:
-                return
-            self._dispatch(backend, self.queues[best[2]], actions)
-
-    def _affinity(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
-        for resident in list(backend.resident.values()):
-            if resident.state is ModelState.DRAINING and resident.inflight == 0:
-                resident.state = ModelState.UNLOADING
-                self.stats.unloads += 1
-                actions.append(Unload(backend.name, resident.key, resident.model))
-        self._plan_switch(backend, now, actions)
-        # A load that outlasts its expected time is waiting for the server to evict a
-        # resident model: feeding that model would keep the server from ever evicting it.
-        stalled = any(
-            r.state is ModelState.LOADING and now - r.since >= self._stall_after(r.key)
-            for r in backend.resident.values()
-        )
-        for resident in backend.resident.values():
-            if resident.state is not ModelState.LOADED or stalled:
-                continue
-            queue = self.queues.get(resident.key)
-            slots = backend.slots_for(resident)
-            while queue is not None and len(queue) and resident.inflight < slots:
-                self._dispatch(backend, queue, actions)
-            # Prefetch only work at least as urgent as what runs: an urgent job's next
-            # stage (elsewhere) must not wait behind a prefetched batch request.
-            depth = slots + self.prefetch
-            while queue is not None and len(queue) and resident.inflight < depth:
-                head = queue.peek()
-                if head is None or head.priority < self._top_inflight(backend, resident.key):
-                    break
-                self._dispatch(backend, queue, actions)
-
-    def _top_inflight(self, backend: BackendSlots, key: str) -> int:
-        top = -(2**62)
-        for task in self.inflight.values():
-            if task.backend == backend.name and task.model_key == key and not task.released:
-                top = max(top, task.priority)
-        return top
-
-    def _served_priority(self, backend: BackendSlots) -> int | None:
-        """The best priority the backend's resident models have ready or in flight."""
-        best: int | None = None
-        for resident in backend.resident.values():
-            head = self.queues.get(resident.key)
-            top = head.peek() if head is not None else None
-            if top is not None:
-                best = top.priority if best is None else max(best, top.priority)
-        for task in self.inflight.values():
-            if task.backend == backend.name:
-                best = task.priority if best is None else max(best, task.priority)
-        return best
-
-    def _overdue(self, key: str, backend: BackendSlots, served: int | None, now: float) -> bool:
-        """Must the backend switch to ``key`` now to keep its wait bound?
-
-        Work of higher priority than what the backend serves may wait
-        ``max_wait_s`` from its job's arrival, *including* the switch itself
-        (draining what the backend has outstanding, then the load), so the
-        switch starts that much earlier.
-        """
-        head = self.queues[key].peek()
-        if head is None:
-            return False
-        if served is not None and head.priority > served:
-            waited = now - head.waiting_since
-            if waited + self._switch_lead(backend, key) >= self.max_wait_s:
-                return True
-        return self.fair_wait_s is not None and now - head.ready_at >= self.fair_wait_s
-
-    def _switch_lead(self, backend: BackendSlots, key: str) -> float:
-        """How long a switch to ``key`` takes on ``backend``: drain the busiest resident, load."""
-        drain = 0.0
-        for resident in backend.resident.values():
-            if resident.key == key:
-                return 0.0
-            rounds = -(-(resident.inflight + resident.finishing) // backend.slots)
-            drain = max(drain, rounds * self.costs.service_s(resident.key))
-        return drain + self.costs.load_s(key)
-
-    def _candidates(self, backend: BackendSlots, now: float) -> list[str]:
-        """Models with ready work that this backend could load."""
-        out = []
-        for key, queue in self.queues.items():
-            if not len(queue) or key in backend.resident:
-                continue
-            if not backend.serves(self.model_names[key]):
-                continue
-            if backend.load_retry_at.get(key, 0.0) > now:
-                continue  # a failed load backs off
-            if self._held_elsewhere(key, backend, len(queue)):
-                continue
-            out.append(key)
-        return out
-
-    def _held_elsewhere(self, key: str, backend: BackendSlots, depth: int) -> bool:
-        """True if another backend serves this model and splitting its queue would not pay.
-
-        Loading the model here too pays when the queue would keep the other
-        backend busy for longer than a load takes here (twice, for margin).
-        """
-        for other in self.backends.values():
-            if other is backend or not other.up:
-                continue
-            resident = other.resident.get(key)
-            if resident is not None and resident.state in (ModelState.LOADING, ModelState.LOADED):
-                drain_s = depth * self.costs.service_s(key) / other.slots
-                return drain_s <= 2 * self.costs.load_s(key)
-        return False
-
-    def _plan_switch(self, backend: BackendSlots, now: float, actions: list[Action]) -> None:
-        candidates = self._candidates(backend, now)
-        if not candidates:
-            return
-        if (
-            any(
-                r.state in (ModelState.DRAINING, ModelState.UNLOADING, ModelState.LOADING)
-                for r in backend.resident.values()
-            )
-            and len(backend.resident) >= backend.max_loaded
-        ):
-            return  # a switch is already under way
-        served = self._served_priority(backend)
-        overdue = {k for k in candidates if self._overdue(k, backend, served, now)}
-
-        def pressing(key: str) -> tuple[bool, int, float]:
-            """Overdue first, then priority, then waiting plus ready work, in seconds.
-
-            Ready work amortises the load; the oldest task's wait keeps a
-            small queue from being passed over for ever by a growing one.
-            """
-            queue = self.queues[key]
-            head = queue.peek()
-            assert head is not None
-            work = len(queue) * self.costs.service_s(key) / backend.slots
-            return (key in overdue, head.priority, work + (now - head.waiting_since))
-
-        target = max(candidates, key=pressing)
-        # One runner per model (Ollama's scheduler): another option set of the same model
-        # must go before this one loads, whatever max_loaded says.
-        sibling = next(
-            (r for r in backend.resident.values() if r.model == self.model_names[target]), None
-        )
-        if sibling is None and len(backend.resident) < backend.max_loaded:
-            self._load(backend, target, now, actions)
-            return
-        victim = self._victim(backend, target in overdue, only=sibling)
-        if victim is None:
-            return
-        if target in overdue:
-            self.stats.switches_forced += 1
-        if victim.inflight == 0:
-            victim.state = ModelState.UNLOADING
-            self.stats.unloads += 1
-            actions.append(Unload(backend.name, victim.key, victim.model))
-        else:
-            victim.state = ModelState.DRAINING
-
-    def _victim(
-        self, backend: BackendSlots, forced: bool, only: Resident | None = None
-    ) -> Resident | None:
-        """The resident model to give up: an idle one, or (forced) the least pressing."""
-        loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
-        if only is not None:
-            loaded = [r for r in loaded if r is only]
-        idle = [r for r in loaded if r.idle and not len(self.queues.get(r.key) or ())]
-        if idle:
-            return min(idle, key=lambda r: r.since)
-        if not forced or not loaded:
-            return None
-
-        def pressure(r: Resident) -> tuple[int, int]:
-            queue = self.queues.get(r.key)
-            head = queue.peek() if queue is not None else None
-            return (head.priority if head else -(2**62), len(queue) if queue else 0)
-
-        return min(loaded, key=pressure)
-
-    def _load(self, backend: BackendSlots, key: str, now: float, actions: list[Action]) -> None:
+    def load(self, backend: BackendSlots, key: str, now: float, actions: list[Action]) -> None:
+        """Load ``key`` on ``backend`` (a policy's decision): resident as LOADING from now."""
         model = self.model_names[key]
         backend.resident[key] = Resident(key, model, ModelState.LOADING, since=now)
         backend.load_retry_at.pop(key, None)

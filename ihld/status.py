@@ -94,7 +94,7 @@ def snapshot(engine: Engine, spool_counts: dict[str, int] | None = None) -> dict
     return {
         "time": round(time.time(), 3),
         "pid_uptime_s": round(now - engine.started, 3),
-        "policy": engine.scheduler.policy,
+        "policy": engine.scheduler.policy.name,
         "jobs": {
             "in_progress": len(engine.jobs),
             "done": counters.jobs_done,

@@ -11,6 +11,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from ihld.policies import BUILTIN
 from ihld.scheduler import (
     BackendSlots,
     Dispatch,
@@ -68,8 +69,8 @@ def run(
     and queues the rest FIFO, as Ollama's per-model semaphore does."""
     sched = Scheduler(
         backends,
-        policy=policy,
-        max_wait_s=max_wait_s,  # type: ignore[arg-type]
+        policy=BUILTIN[policy],
+        max_wait_s=max_wait_s,
         prefetch=prefetch,
         costs=FixedCosts(load=load_s, service=service_estimate),
     )

@@ -33,7 +33,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 def test_bad_value_names_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"key scheduler\.policy"):
-        load_config(write(tmp_path, "[scheduler]\npolicy = 'random'\n"))
+        load_config(write(tmp_path, "[scheduler]\npolicy = 'no spaces allowed'\n"))
 
 
 def test_invalid_toml(tmp_path: Path) -> None:

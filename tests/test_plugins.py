@@ -766,9 +766,10 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "kind": "builtin",
             "file": builtin.__file__,
             "dist": None,
-            "hooks": ["register_actors"],
+            "hooks": ["register_actors", "register_policies"],
             "actors": ["prompt", "openai-chat"],
             "pipelines": [],
+            "policies": ["affinity", "fifo"],
             "shadowed": [],
         },
         {
@@ -779,6 +780,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "hooks": ["register_actors"],
             "actors": ["echo"],
             "pipelines": [],
+            "policies": [],
             "shadowed": [],
         },
         {
@@ -788,6 +790,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "dist": None,
             "hooks": ["job_failed", "job_finished", "stage_failed", "stage_finished"],
             "actors": [],
+            "policies": [],
             "pipelines": [],
             "shadowed": [],
         },
@@ -855,3 +858,50 @@ def test_plugin_author_imports_only_from_ihld() -> None:
         assert not deep, f"{where} imports ihld internals: {deep}"
     for name in ihld.__all__:
         assert getattr(ihld, name) is not None, name
+
+
+NEWEST_POLICY = '''
+from ihld import Affinity, Task, hookimpl
+
+
+class Newest(Affinity):
+    name = "newest"
+
+    def queue_order(self, task: Task) -> float:
+        return -task.ready_at
+
+
+@hookimpl
+def register_policies(register):
+    register("newest", Newest)
+'''
+
+
+def test_hook_register_policies(plugin_dir: Path) -> None:
+    """A plugin file adds a policy, importing only from ihld; the scheduler runs it."""
+    from ihld import BackendSlots, Scheduler, Task
+    from ihld.scheduler import Dispatch
+
+    write(plugin_dir, "newest", NEWEST_POLICY)
+    host = load(plugin_dir)
+    assert set(host.policies) == {"affinity", "fifo", "newest"}
+    assert row(host, "newest")["policies"] == ["newest"]
+    sched = Scheduler([BackendSlots("b")], policy=host.policies["newest"], prefetch=0)
+    assert sched.policy.name == "newest" and sched.policy.pins_models
+    sched.add(Task("old", "s", "m", "m", ready_at=0))
+    sched.add(Task("new", "s", "m", "m", ready_at=5))
+    sched.next_actions(5)
+    sched.loaded("b", "m", 5)
+    (first,) = sched.next_actions(5)
+    assert isinstance(first, Dispatch) and first.task.job_id == "new"
+
+
+def test_policy_clash_and_bad_name_fail_loading(plugin_dir: Path) -> None:
+    write(plugin_dir, "one", NEWEST_POLICY)
+    write(plugin_dir, "two", NEWEST_POLICY)
+    with pytest.raises(PluginError, match="policy 'newest' is registered by two plugins"):
+        load(plugin_dir)
+    renamed = NEWEST_POLICY.replace('"newest", Newest', '"no way", Newest')
+    (plugin_dir / "two.py").write_text(renamed)
+    with pytest.raises(PluginError, match="policy name 'no way'"):
+        load(plugin_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ihld.policies import Affinity, Fifo
 from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
 from tests.scheduler_harness import SimJob, SimStage, debate_jobs, run
 
@@ -33,7 +34,7 @@ def test_slots_stay_full_while_work_is_ready() -> None:
 
 
 def test_load_is_requested_before_dispatch_and_unload_after_drain() -> None:
-    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(), policy=Affinity, prefetch=0)
     sched.add(Task("j", "s1", "qwen", "qwen", ready_at=0))
     actions = sched.next_actions(0)
     assert actions == [Load("b", "qwen", "qwen")]
@@ -50,7 +51,7 @@ def test_load_is_requested_before_dispatch_and_unload_after_drain() -> None:
 
 
 def test_priority_orders_within_a_model_queue() -> None:
-    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(), policy=Affinity, prefetch=0)
     sched.add(Task("low", "s", "m", "m", priority=0, ready_at=0))
     sched.add(Task("high", "s", "m", "m", priority=5, ready_at=1))
     sched.next_actions(1)
@@ -78,7 +79,7 @@ def test_urgent_job_waits_at_most_max_wait() -> None:
 
 
 def test_backend_down_stops_dispatch_until_up() -> None:
-    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(), policy=Affinity, prefetch=0)
     sched.add(Task("j", "s", "m", "m", ready_at=0))
     sched.backend_down("b")
     assert sched.next_actions(0) == []
@@ -87,7 +88,7 @@ def test_backend_down_stops_dispatch_until_up() -> None:
 
 
 def test_retry_backoff_delays_the_task() -> None:
-    sched = Scheduler(one_backend(), policy="fifo")
+    sched = Scheduler(one_backend(), policy=Fifo)
     sched.add(Task("j", "s", "m", "m", ready_at=0, not_before=5))
     assert sched.next_actions(1) == []
     assert sched.next_wakeup(1) == 5
@@ -96,7 +97,7 @@ def test_retry_backoff_delays_the_task() -> None:
 
 
 def test_cancel_job_drops_its_queued_tasks() -> None:
-    sched = Scheduler(one_backend(), policy="fifo")
+    sched = Scheduler(one_backend(), policy=Fifo)
     sched.add(Task("j", "s", "m", "m", ready_at=0))
     sched.cancel_job("j", ["s"])
     assert sched.next_actions(0) == []
@@ -105,7 +106,7 @@ def test_cancel_job_drops_its_queued_tasks() -> None:
 
 def test_allow_list_keeps_models_off_a_backend() -> None:
     backends = [BackendSlots("a", models=frozenset({"qwen"})), BackendSlots("b")]
-    sched = Scheduler(backends, policy="affinity")
+    sched = Scheduler(backends, policy=Affinity)
     sched.add(Task("j", "s", "gemma", "gemma", ready_at=0))
     assert sched.next_actions(0) == [Load("b", "gemma", "gemma")]
 
@@ -172,7 +173,7 @@ def test_invariants_on_random_dags(
 def test_release_frees_the_slot_but_not_the_model() -> None:
     """While a finished stage is being saved, its slot serves the next task, and the model
     is not switched away before the saved stage's successor arrives."""
-    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(), policy=Affinity, prefetch=0)
     sched.add(Task("a", "s1", "qwen", "qwen", ready_at=0))
     sched.add(Task("b", "s1", "qwen", "qwen", ready_at=0))
     sched.next_actions(0)
@@ -191,7 +192,7 @@ def test_release_frees_the_slot_but_not_the_model() -> None:
 
 
 def test_task_done_is_idempotent_and_ignores_a_stale_task() -> None:
-    sched = Scheduler(one_backend(slots=2), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(slots=2), policy=Affinity, prefetch=0)
     sched.add(Task("a", "s", "m", "m", ready_at=0))
     sched.next_actions(0)
     sched.loaded("b", "m", 0)
@@ -207,7 +208,7 @@ def test_task_done_is_idempotent_and_ignores_a_stale_task() -> None:
 
 
 def test_fifo_does_not_release_early() -> None:
-    sched = Scheduler(one_backend(), policy="fifo")
+    sched = Scheduler(one_backend(), policy=Fifo)
     sched.add(Task("a", "s1", "m", "m", ready_at=0, job_seq=0))
     sched.add(Task("b", "s1", "m", "m", ready_at=0, job_seq=1))
     (first,) = sched.next_actions(0)
@@ -222,7 +223,7 @@ def test_prefetch_keeps_one_request_queued_at_the_server() -> None:
     trace = run(debate_jobs(20), one_backend(slots=2), prefetch=1)
     assert trace.max_outstanding[("b", "qwen")] == 3
     assert trace.max_inflight[("b", "qwen")] == 2
-    sched = Scheduler(one_backend(slots=1), policy="affinity", prefetch=1)
+    sched = Scheduler(one_backend(slots=1), policy=Affinity, prefetch=1)
     for n in range(3):
         sched.add(Task(f"j{n}", "s", "m", "m", ready_at=0))
     sched.next_actions(0)

@@ -26,6 +26,7 @@ from ihld.backends.base import ChatRequest, ChatResult
 from ihld.executor import finalize_request, stage_record
 from ihld.jobs import StageSpec
 from ihld.parallelism import ParallelWatch
+from ihld.policies import Affinity
 from ihld.scheduler import BackendSlots, Dispatch, FixedCosts, Load, Scheduler, Task, Unload
 from tests.conftest import REPO, DaemonRig, SimProcess, debate_lines, drop
 from tests.fault_peer import start_fault_peer
@@ -64,7 +65,7 @@ async def test_load_carries_the_stage_runner_options(tmp_path: Path) -> None:
 
 
 def test_option_sets_of_one_model_exclude_each_other_whatever_max_loaded() -> None:
-    sched = Scheduler(one_backend(max_loaded=3), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(max_loaded=3), policy=Affinity, prefetch=0)
     small = Task("a", "s", "qwen", "qwen", ready_at=0)
     big = Task("b", "s", "qwen{num_ctx=8192}", "qwen", ready_at=0, options={"num_ctx": 8192})
     sched.add(small)
@@ -84,7 +85,7 @@ def test_option_sets_of_one_model_exclude_each_other_whatever_max_loaded() -> No
 
 
 def test_a_model_the_server_dropped_is_no_longer_resident() -> None:
-    sched = Scheduler(one_backend(max_loaded=2), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(max_loaded=2), policy=Affinity, prefetch=0)
     sched.add(Task("a", "s", "qwen", "qwen", ready_at=0))
     sched.next_actions(0)
     sched.loaded("b", "qwen", 0)
@@ -98,7 +99,7 @@ def test_a_model_the_server_dropped_is_no_longer_resident() -> None:
 
 
 def test_a_model_loaded_by_someone_else_is_known_and_used() -> None:
-    sched = Scheduler(one_backend(max_loaded=1), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(max_loaded=1), policy=Affinity, prefetch=0)
     sched.add(Task("a", "s", "gemma", "gemma", ready_at=0))
     sched.add(Task("b", "s", "qwen", "qwen", ready_at=0))
     sched.reconcile("b", ["qwen", "llama3"], asked_at=0)
@@ -111,7 +112,7 @@ def test_a_model_loaded_by_someone_else_is_known_and_used() -> None:
 
 
 def test_a_model_ihld_unloaded_is_not_taken_for_a_foreign_one() -> None:
-    sched = Scheduler(one_backend(), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(), policy=Affinity, prefetch=0)
     sched.add(Task("a", "s", "qwen", "qwen", ready_at=0))
     sched.next_actions(0)
     sched.loaded("b", "qwen", 0)
@@ -126,7 +127,7 @@ def test_a_stalled_load_stops_feeding_the_model_the_server_must_evict() -> None:
     """Ollama blocks a load until the victim's in-flight requests end, and every new
     request for the victim resets its timer: keep feeding it and the load never starts."""
     sched = Scheduler(
-        one_backend(slots=1, max_loaded=2), policy="affinity", prefetch=0,
+        one_backend(slots=1, max_loaded=2), policy=Affinity, prefetch=0,
         costs=FixedCosts(load=1.0, service=1.0),
     )
     for n in range(5):
@@ -235,7 +236,7 @@ def test_full_parallelism_is_not_mistaken_for_less() -> None:
 
 
 def test_learned_parallelism_limits_dispatch() -> None:
-    sched = Scheduler(one_backend(slots=4), policy="affinity", prefetch=0)
+    sched = Scheduler(one_backend(slots=4), policy=Affinity, prefetch=0)
     for n in range(6):
         sched.add(Task(f"j{n}", "s", "m", "m", ready_at=0))
     sched.next_actions(0)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -212,3 +214,51 @@ async def test_the_two_runs_that_never_ended_now_end(
     else:  # whichever comes first: the deadline, or the attempts of a failing stage
         kinds = {"deadline", "stage_timeout", "read_timeout", "stream_error", "server_error"}
         assert all(state == "failed" and kind in kinds for state, kind in ends.values()), ends
+
+
+FAULT_MIX = st.fixed_dictionaries(
+    {k: st.sampled_from([0.0, 1.0, 3.0]) for k in ("500", "503", "drop", "midstream", "hang")}
+).filter(lambda weights: sum(weights.values()) > 0)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    weights=FAULT_MIX,
+    rate=st.sampled_from([0.1, 0.3, 0.6]),
+    seed=st.integers(min_value=0, max_value=10_000),
+    jobs=st.integers(min_value=1, max_value=5),
+)
+def test_random_faults_on_the_simulator_end_every_job_once(
+    tmp_path_factory: pytest.TempPathFactory,
+    weights: dict[str, float],
+    rate: float,
+    seed: int,
+    jobs: int,
+) -> None:
+    """Random fault mixes on the built-in simulator (debate jobs, two models): every job
+    ends in exactly one of outbox/ and failed/, --once exits, and no stage the simulator
+    completed is completed again."""
+    from ihld.sim import Faults
+    from ihld.sim.server import start_sim
+
+    root = tmp_path_factory.mktemp("simprop")
+
+    async def scenario() -> list[dict[str, Any]]:
+        faults = Faults(error_rate=rate, weights=weights, hang_s=5.0)
+        async with await start_sim(speed=200.0, faults=faults, seed=seed) as sim:
+            config = _config(root, [sim.url])
+            lines = "".join(
+                json.dumps({"id": f"s{n}", "pipeline": "debate", "input": {"topic": f"t{n}"}})
+                + "\n"
+                for n in range(jobs)
+            )
+            (root / "spool" / "inbox" / "s.jsonl").write_text(lines)
+            await _run_once(config)
+            async with aiohttp.ClientSession() as http, http.get(sim.url + "/sim/requests") as r:
+                log: list[dict[str, Any]] = await r.json()
+            return log
+
+    log = asyncio.run(scenario())
+    assert set(_ends(root / "spool")) == {f"s{n}" for n in range(jobs)}
+    completed = Counter(e["task"].rsplit("/", 1)[0] for e in log if e["task"] and e["completed"])
+    assert not {task: n for task, n in completed.items() if n > 1}

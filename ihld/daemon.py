@@ -244,7 +244,13 @@ class Daemon:
         for tmp in self.spool.iter_tmp_files():
             tmp.unlink(missing_ok=True)
         progresses: list[JobProgress] = []
+        told = time.monotonic()
         for job_id in self.spool.checkpoint_ids():
+            if time.monotonic() - told >= 1.0:  # progress, not a hang: tell systemd so
+                told = time.monotonic()
+                self.notifier.extend_timeout(30)
+                self.notifier.watchdog()
+                self.notifier.status(f"recovering the spool: {len(progresses)} jobs so far")
             if self.spool.is_finished(job_id):
                 self.spool.remove_checkpoint(job_id)  # published just before a crash
                 continue

@@ -36,7 +36,8 @@ class SpoolConfig(_Strict):
 class BackendConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     url: str = "http://127.0.0.1:11434"
-    kind: Literal["ollama", "openai"] = "ollama"  # openai: /v1/chat/completions servers
+    # openai: /v1/chat/completions servers; llamacpp: llama.cpp's server, its router driven
+    kind: Literal["ollama", "openai", "llamacpp"] = "ollama"
     slots: int = Field(default=1, ge=1, le=256)  # OLLAMA_NUM_PARALLEL
     max_loaded: int = Field(default=1, ge=1, le=64)  # OLLAMA_MAX_LOADED_MODELS (that fit)
     keep_alive: float | int | str = "30m"  # sent while a model has work
@@ -49,8 +50,8 @@ class BackendConfig(_Strict):
 
     @model_validator(mode="after")
     def _api_key_needs_openai(self) -> BackendConfig:
-        if self.api_key_env is not None and self.kind != "openai":
-            raise ValueError('api_key_env is only used with kind = "openai"')
+        if self.api_key_env is not None and self.kind == "ollama":
+            raise ValueError('api_key_env is only used with kind = "openai" or "llamacpp"')
         return self
 
 

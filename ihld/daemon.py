@@ -36,6 +36,7 @@ import structlog
 
 from ihld import logs
 from ihld.backends.base import Backend
+from ihld.backends.llamacpp import LlamaCppBackend
 from ihld.backends.ollama import OllamaBackend, make_session
 from ihld.backends.openai import OpenAIBackend
 from ihld.backoff import Backoff
@@ -198,9 +199,13 @@ class Daemon:
     def _backends(self, session: aiohttp.ClientSession) -> dict[str, Backend]:
         """One client per configured server, by kind (Ollama, or OpenAI-compatible)."""
         clients: dict[str, Backend] = {}
+        kinds: dict[str, type[OllamaBackend | OpenAIBackend]] = {
+            "ollama": OllamaBackend,
+            "openai": OpenAIBackend,
+            "llamacpp": LlamaCppBackend,
+        }
         for b in self.config.backends:
-            kind = OpenAIBackend if b.kind == "openai" else OllamaBackend
-            clients[b.name] = kind(b, session)
+            clients[b.name] = kinds[b.kind](b, session)
         return clients
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:

@@ -39,7 +39,6 @@ import structlog
 
 from ihld.backends.base import (
     BackendError,
-    BackendUnavailable,
     BadRequest,
     ChatRequest,
     ChatResult,
@@ -277,6 +276,7 @@ class _Stream:
     """What one attempt has read so far."""
 
     parts: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)  # ``reasoning_content`` (vLLM, llama.cpp)
     finish_reason: str | None = None
     usage: Any = None
     timings: Any = None
@@ -296,6 +296,9 @@ class OpenAIBackend(HttpBackend):
     ``chat.completion`` objects instead of SSE (for servers whose streaming is
     broken); a server that answers JSON to a streamed request is read either way.
     """
+
+    # Where chats go; a subclass may add a query (llama.cpp's ``?autoload=false``).
+    chat_path = CHAT_PATH
 
     def __init__(
         self,
@@ -387,7 +390,7 @@ class OpenAIBackend(HttpBackend):
         state = _Stream()
         async with self._response(
             "POST",
-            CHAT_PATH,
+            self.chat_path,
             client_timeout=self._stream_timeout if self._stream else self._long_timeout,
             payload=payload,
             headers={**self._auth, **headers},
@@ -450,6 +453,8 @@ class OpenAIBackend(HttpBackend):
                 part = choice.get(key)
                 if isinstance(part, Mapping) and isinstance(part.get("content"), str):
                     state.parts.append(part["content"])
+                if isinstance(part, Mapping) and isinstance(part.get("reasoning_content"), str):
+                    state.thinking.append(part["reasoning_content"])
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str) and reason:
                     state.finish_reason = reason
@@ -461,7 +466,7 @@ class OpenAIBackend(HttpBackend):
     def _whole(self, raw: bytes, first_byte_s: float) -> Streamed:
         """A non-streamed ``chat.completion`` object."""
         if not raw.strip():
-            raise BackendUnavailable(f"{self._who()}: empty response to {CHAT_PATH}")
+            raise StreamBroken(f"{self._who()}: empty response to {self.chat_path}")
         if len(raw) > self._max_line_bytes:
             raise ProtocolError(f"{self._who()}: reply exceeds {self._max_line_bytes} bytes")
         obj = self._json_or_text(raw)
@@ -481,6 +486,7 @@ class OpenAIBackend(HttpBackend):
             done_reason=state.finish_reason or "",
             metrics=openai_metrics(state.usage, state.timings),
             first_byte_s=state.first_data_s or 0.0,
+            thinking="".join(state.thinking),
         )
 
     @staticmethod
@@ -588,8 +594,14 @@ class OpenAIBackend(HttpBackend):
         hints at a wrong url, 401/403 at the API key, and another 4xx whose body
         says the model is missing is a ``ModelNotFound``.
         """
-        status = resp.status
         raw, text = await error_body(resp)
+        return self._error_for(resp, raw, text, path)
+
+    def _error_for(
+        self, resp: aiohttp.ClientResponse, raw: bytes, text: str, path: str
+    ) -> BackendError:
+        """The error class for a non-200 answer whose body is ``raw`` (``text`` stripped)."""
+        status = resp.status
         err = _Error.parse(self._json_or_text(raw), text[:500] or (resp.reason or ""))
         detail = err.describe() if err is not None else (text[:500] or (resp.reason or ""))
         message = f"{self._who()}: HTTP {status} from {path}: {detail}"

@@ -99,9 +99,9 @@ class FakeRouter:
             return self._error(self.chat_status, "boom")
         if self.router and name not in self.models:
             return self._error(400, f"model '{name}' not found")
-        if self.router and request.query.get("autoload") == "false":
-            if self.models[name] != "loaded":
-                return self._error(400, "model is not loaded")
+        no_autoload = self.router and request.query.get("autoload") == "false"
+        if no_autoload and self.models[name] != "loaded":
+            return self._error(400, "model is not loaded")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         chunks = [
@@ -183,7 +183,7 @@ async def test_chats_never_autoload_and_say_when_the_model_is_gone(router: Any) 
 
 
 async def test_names_resolve_case_insensitively_only_when_unambiguous(router: Any) -> None:
-    fake, backend = router
+    _, backend = router
     listing = [{"id": "a:1B"}, {"id": "A:1b"}, {"id": "c", "aliases": ["see"]}]
     assert backend.resolve("a:1B", listing) == "a:1B"  # exact wins
     assert backend.resolve("a:1b", listing) is None  # two candidates: ambiguous

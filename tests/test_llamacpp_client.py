@@ -170,16 +170,26 @@ async def test_a_child_that_exits_while_loading_is_a_failed_load(router: Any) ->
 
 
 async def test_chats_never_autoload_and_say_when_the_model_is_gone(router: Any) -> None:
+    """A chat with a keep_alive (a policy that holds models itself) carries autoload=false."""
     fake, backend = router
     with pytest.raises(ModelNotLoaded, match="model is not loaded"):
-        await backend.chat(ask("gemma3:270m"), keep_alive=None)
+        await backend.chat(ask("gemma3:270m"), keep_alive="30m")
     assert fake.seen[-1] == ("chat", "gemma3:270M", {"autoload": "false"})
+    assert sum(kind == "chat" for kind, _, _ in fake.seen) == 1  # not retried at once
     await backend.load("gemma3:270m", keep_alive=None)
-    result = await backend.chat(ask("gemma3:270m"), keep_alive=None)
+    result = await backend.chat(ask("gemma3:270m"), keep_alive="30m")
     assert result.content == "hello" and result.thinking == "hmm "
     assert result.metrics["prompt_eval_count"] == 10  # evaluated 7 + 3 reused from the cache
     assert result.metrics["timings_cache_n"] == 3
     assert result.metrics["eval_duration"] == 10_000_000
+
+
+async def test_without_keep_alive_the_router_loads_on_demand(router: Any) -> None:
+    """fifo leaves residency to the server (as with Ollama): no autoload=false then."""
+    fake, backend = router
+    result = await backend.chat(ask("gemma3-b:270m"), keep_alive=None)
+    assert result.content == "hello"
+    assert fake.seen[-1] == ("chat", "gemma3-b:270M", {})
 
 
 async def test_names_resolve_case_insensitively_only_when_unambiguous(router: Any) -> None:

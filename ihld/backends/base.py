@@ -101,6 +101,10 @@ class ModelNotLoaded(BackendUnavailable):
 
     kind = "model_not_loaded"
 
+    @property
+    def retryable(self) -> bool:
+        return False  # asking again at once gets the same answer: the model must load first
+
 
 class ServerError(BackendError):
     """A 500 on one request that names no permanent cause: counts an attempt."""

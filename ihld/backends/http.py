@@ -390,11 +390,14 @@ class HttpBackend(ABC):
 
     @abstractmethod
     async def _chat_once(
-        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+        self,
+        payload: bytes,
+        headers: Mapping[str, str],
+        first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> Streamed:
-        """One try of a chat: send ``payload`` and read the whole answer.
-
-        ``first_byte_s``: silence allowed before the first chunk (``_reader`` takes it).
+        """One try of a chat: send ``payload`` (to ``path``, else the API's chat path) and
+        read the whole answer. ``first_byte_s``: silence allowed before the first chunk.
         """
 
     @abstractmethod
@@ -409,13 +412,14 @@ class HttpBackend(ABC):
         body: Mapping[str, Any],
         task_tag: str,
         first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> ChatResult:
         """Send a chat ``body`` with quick retries; the result, timed over every try."""
         payload = self._encode(body)
         headers = {TASK_HEADER: task_tag} if task_tag else {}
         started = time.monotonic()
         streamed, attempts = await self._retrying(
-            "chat", model, lambda: self._chat_once(payload, headers, first_byte_s)
+            "chat", model, lambda: self._chat_once(payload, headers, first_byte_s, path)
         )
         return ChatResult(
             content=streamed.content,

@@ -62,6 +62,9 @@ STATE_TIMEOUT_S = 600.0
 class LlamaCppBackend(OpenAIBackend):
     """One llama.cpp server: a router of several models, or a single-model server."""
 
+    # A chat sent with a keep_alive comes from a policy that holds models itself
+    # (affinity): the router must never load behind its back. One sent without (fifo)
+    # leaves residency to the server, which then loads on demand, as Ollama does.
     chat_path = CHAT_PATH + "?autoload=false"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -108,11 +111,13 @@ class LlamaCppBackend(OpenAIBackend):
         keep_alive: KeepAlive | None,
         task_tag: str = "",
         first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> ChatResult:
         name = await self._name(request.model)
         sent = request if name == request.model else _renamed(request, name)
+        path = path or (self.chat_path if keep_alive is not None else CHAT_PATH)
         return await super().chat(
-            sent, keep_alive=keep_alive, task_tag=task_tag, first_byte_s=first_byte_s
+            sent, keep_alive=keep_alive, task_tag=task_tag, first_byte_s=first_byte_s, path=path
         )
 
     def _check_allowed(self, model: str) -> None:

@@ -173,7 +173,11 @@ class OllamaBackend(HttpBackend):
         return await self._chat(request.model, body, task_tag, first_byte_s)
 
     async def _chat_once(
-        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+        self,
+        payload: bytes,
+        headers: Mapping[str, str],
+        first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> Streamed:
         """One try: POST, then read NDJSON until the done object.
 
@@ -185,7 +189,7 @@ class OllamaBackend(HttpBackend):
         thinking: list[str] = []
         async with self._response(
             "POST",
-            "/api/chat",
+            path or "/api/chat",
             client_timeout=self._stream_timeout,
             payload=payload,
             headers=headers,

@@ -355,8 +355,11 @@ class OpenAIBackend(HttpBackend):
         keep_alive: KeepAlive | None,
         task_tag: str = "",
         first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> ChatResult:
         """Run one chat (SSE unless ``stream=False``) and return the text with the server's figures.
+
+        ``path``: where to send it (default ``chat_path``).
 
         ``keep_alive`` is accepted and not sent: these servers keep a model as
         long as they are configured to. ``done_reason`` is the server's
@@ -370,7 +373,7 @@ class OpenAIBackend(HttpBackend):
             body = request_body(request, stream=self._stream, dropped=self._note_dropped)
         except ValueError as exc:
             raise BadRequest(f"{self._who()}: {exc}") from None
-        return await self._chat(request.model, body, task_tag, first_byte_s)
+        return await self._chat(request.model, body, task_tag, first_byte_s, path)
 
     def _note_dropped(self, name: str) -> None:
         if name not in self._dropped_warned:
@@ -383,14 +386,18 @@ class OpenAIBackend(HttpBackend):
             )
 
     async def _chat_once(
-        self, payload: bytes, headers: Mapping[str, str], first_byte_s: float | None = None
+        self,
+        payload: bytes,
+        headers: Mapping[str, str],
+        first_byte_s: float | None = None,
+        path: str | None = None,
     ) -> Streamed:
         """One try: POST, then read SSE events until ``[DONE]`` (or one JSON object)."""
         reader = self._reader(first_byte_s)
         state = _Stream()
         async with self._response(
             "POST",
-            self.chat_path,
+            path or self.chat_path,
             client_timeout=self._stream_timeout if self._stream else self._long_timeout,
             payload=payload,
             headers={**self._auth, **headers},

@@ -236,13 +236,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(jobs=args.jobs, speed=args.speed))
 
 
+def cmd_bench_real(args: argparse.Namespace) -> int:
+    from ihld.bench.real import RUNS, bench_real, table
+
+    models = tuple(m.strip() for m in args.models.split(","))
+    runs = tuple(p.strip() for p in args.policy.split(",")) if args.policy else RUNS
+    if len(models) != 2 or args.workload not in ("seed", "aba") or set(runs) - set(RUNS):
+        print("ihld bench --backend: workload aba, two --models A,B, policies among "
+              f"{', '.join(RUNS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    results = asyncio.run(bench_real(
+        args.backend.rstrip("/"), args.kind, jobs=args.jobs or 20, tokens=args.tokens,
+        models=(models[0], models[1]), slots=args.slots, runs=runs,
+    ))  # fmt: skip
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print(table(results))
+    return 0 if all(r.done == r.jobs for r in results) else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.backend:
+        return cmd_bench_real(args)
     from ihld.bench import POLICIES, BenchOptions, run_bench
     from ihld.bench.workloads import BUILDERS
     from ihld.logs import configure_logging
 
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    policies = [p.strip() for p in (args.policy or "fifo,affinity").split(",") if p.strip()]
     for name in workloads:
         if name not in BUILDERS:
             print(f"ihld bench: unknown workload {name!r}; known: {', '.join(BUILDERS)}",
@@ -360,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: seed, seed-4slot, three-models, stream, urgent, overhead "
         "(default: seed)",
     )
-    bench.add_argument("--policy", default="fifo,affinity", help="comma-separated policies")
+    bench.add_argument(
+        "--policy", help="comma-separated policies (default: fifo,affinity; with --backend: "
+        "fifo,affinity,hand-batched)"
+    )
     bench.add_argument(
         "--speed", type=float, default=200.0, help="simulator speed factor (default 200)"
     )
@@ -373,6 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--cprofile", action="store_true", help="run the daemon under cProfile (kept run dir)"
     )
+    bench.add_argument(
+        "--backend", metavar="URL",
+        help="a real server instead of the simulator: workload aba with fifo, affinity and a "
+        "hand-batched reference, side by side (ihld.bench.real)",
+    )
+    bench.add_argument("--kind", default="llamacpp", help="--backend: its kind (llamacpp)")
+    bench.add_argument("--models", default="gemma3:270m,gemma3-b:270m",
+                       help="--backend: the two models A,B of workload aba")
+    bench.add_argument("--tokens", type=int, default=32, help="--backend: output tokens a stage")
+    bench.add_argument("--slots", type=int, default=4, help="--backend: the server's slots")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,0 +1,243 @@
+"""``ihld bench --backend URL``: a workload on a real server, ihld against hand-batching.
+
+One invocation runs, one after another on the same server and from the same
+state (every model unloaded): ihld with ``fifo``, ihld with ``affinity``, and
+a hand-batched reference with no ihld at all (stage by stage across all jobs,
+``slots`` requests in flight, the server loading models on demand) — the
+careful human ihld has to beat. Loads are counted from the server's side for
+all three alike: a poller reads llama.cpp's ``GET /models`` every 100 ms and
+counts each model's transitions to ``loaded``.
+
+Workload ``aba``: N jobs of three stages on models A, B, A (each stage needs
+the one before), ``tokens`` output tokens each at temperature 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ihld.logs import read_events
+
+RUNS = ("fifo", "affinity", "hand-batched")
+
+
+@dataclass
+class RealRun:
+    run: str
+    jobs: int
+    done: int
+    makespan_s: float
+    loads: dict[str, int]
+    tokens: int
+    per_model: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.makespan_s if self.makespan_s else 0.0
+
+    @property
+    def jobs_per_min(self) -> float:
+        return 60 * self.done / self.makespan_s if self.makespan_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "loads_total": sum(self.loads.values()),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "jobs_per_min": round(self.jobs_per_min, 1),
+            "makespan_s": round(self.makespan_s, 3),
+        }
+
+
+def aba_jobs(count: int, tokens: int, models: tuple[str, str]) -> list[dict[str, Any]]:
+    a, b = models
+    options = {"num_predict": tokens, "temperature": 0}
+    return [
+        {
+            "id": f"aba{n:04d}",
+            "input": {"n": n},
+            "stages": [
+                {"name": "a", "model": a, "options": options,
+                 "prompt": "Write one sentence about the number {input[n]}."},
+                {"name": "b", "model": b, "options": options,
+                 "prompt": "Criticise this sentence in one sentence: {stages[a]}"},
+                {"name": "c", "model": a, "options": options,
+                 "prompt": "Reply to this criticism in one sentence: {stages[b]}"},
+            ],
+        }
+        for n in range(count)
+    ]
+
+
+class LoadCounter:
+    """Counts each model's transitions to ``loaded`` in the router's ``GET /models``."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url = session, url
+        self.loads: Counter[str] = Counter()
+        self._last: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def states(self) -> dict[str, str]:
+        async with self.session.get(self.url + "/models") as resp:
+            data = (await resp.json()).get("data", [])
+        return {m["id"]: (m.get("status") or {}).get("value", "") for m in data}
+
+    async def _poll(self) -> None:
+        while True:
+            for model, state in (await self.states()).items():
+                if state == "loaded" and self._last.get(model) != "loaded":
+                    self.loads[model] += 1
+                self._last[model] = state
+            await asyncio.sleep(0.1)
+
+    async def __aenter__(self) -> LoadCounter:
+        self._last = await self.states()
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def unload_all(session: aiohttp.ClientSession, url: str) -> None:
+    """Start every run from the same state: nothing loaded."""
+    counter = LoadCounter(session, url)
+    for _ in range(600):
+        running = [m for m, s in (await counter.states()).items() if s in ("loaded", "loading")]
+        if not running:
+            return
+        for model in running:
+            async with session.post(url + "/models/unload", json={"model": model}) as resp:
+                await resp.read()
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url}: models still loaded after unloading: {running}")
+
+
+def _config(spool: Path, url: str, kind: str, policy: str, slots: int) -> str:
+    return (
+        f'[spool]\ndir = "{spool}"\nsettle_s = 0.0\nrescan_s = 0.5\n\n'
+        f'[[backends]]\nname = "real"\nurl = "{url}"\nkind = "{kind}"\nslots = {slots}\n'
+        f"max_loaded = 1\nread_timeout_s = 120\n\n"
+        f'[scheduler]\npolicy = "{policy}"\n\n'
+        '[log]\nstderr = false\n\n[control]\nsocket = false\n'
+    )
+
+
+async def run_ihld(
+    url: str, kind: str, policy: str, jobs: list[dict[str, Any]], slots: int, workdir: Path
+) -> RealRun:
+    """``ihld run --once`` on the jobs; makespan from the first claim to the last result."""
+    root = workdir / policy
+    (root / "spool" / "inbox").mkdir(parents=True)
+    config = root / "ihld.toml"
+    config.write_text(_config(root / "spool", url, kind, policy, slots))
+    (root / "spool" / "inbox" / "aba.jsonl").write_text(
+        "".join(json.dumps(job) + "\n" for job in jobs)
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ihld", "run", "--once", "--config", str(config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ihld ({policy}) exited {proc.returncode}: {err.decode()[-2000:]}")
+    events = list(read_events(root / "spool" / "log" / "ihld.jsonl"))
+    stamps = [
+        _epoch(e["timestamp"]) for e in events if e["event"] in ("job_claimed", "job_finished")
+    ]
+    per_model: dict[str, dict[str, int]] = {}
+    tokens = 0
+    results = list((root / "spool" / "outbox").glob("*.json"))
+    for path in results:
+        for stage in json.loads(path.read_text())["stages"]:
+            figures = per_model.setdefault(stage["model"], {"stages": 0, "tokens": 0})
+            figures["stages"] += 1
+            figures["tokens"] += int(stage.get("eval_count") or 0)
+            tokens += int(stage.get("eval_count") or 0)
+    return RealRun(policy, len(jobs), len(results), max(stamps) - min(stamps), {}, tokens,
+                   per_model)
+
+
+async def run_hand_batched(
+    session: aiohttp.ClientSession, url: str, jobs: list[dict[str, Any]], slots: int
+) -> RealRun:
+    """Stage by stage across all jobs, ``slots`` in flight, the router loading on demand."""
+    outputs: dict[str, dict[str, str]] = {job["id"]: {} for job in jobs}
+    per_model: dict[str, dict[str, int]] = {}
+    gate = asyncio.Semaphore(slots)
+    tokens = 0
+
+    async def one(job: dict[str, Any], stage: dict[str, Any]) -> None:
+        nonlocal tokens
+        prompt = stage["prompt"].replace("{input[n]}", str(job["input"]["n"]))
+        for name, text in outputs[job["id"]].items():
+            prompt = prompt.replace("{stages[" + name + "]}", text)
+        body = {"model": stage["model"], "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": stage["options"]["num_predict"], "temperature": 0}
+        async with gate, session.post(url + "/v1/chat/completions", json=body) as resp:
+            reply = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"hand-batched: HTTP {resp.status}: {reply}")
+        outputs[job["id"]][stage["name"]] = reply["choices"][0]["message"]["content"]
+        used = int(reply.get("usage", {}).get("completion_tokens") or 0)
+        figures = per_model.setdefault(stage["model"], {"stages": 0, "tokens": 0})
+        figures["stages"] += 1
+        figures["tokens"] += used
+        tokens += used
+
+    started = time.monotonic()
+    for index in range(3):
+        await asyncio.gather(*(one(job, job["stages"][index]) for job in jobs))
+    return RealRun("hand-batched", len(jobs), len(jobs), time.monotonic() - started, {},
+                   tokens, per_model)
+
+
+async def bench_real(
+    url: str, kind: str, *, jobs: int, tokens: int, models: tuple[str, str], slots: int,
+    runs: tuple[str, ...] = RUNS,
+) -> list[RealRun]:
+    workload = aba_jobs(jobs, tokens, models)
+    results = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        with tempfile.TemporaryDirectory(prefix="ihld-bench-real-") as tmp:
+            for name in runs:
+                await unload_all(session, url)
+                async with LoadCounter(session, url) as counter:
+                    if name == "hand-batched":
+                        run = await run_hand_batched(session, url, workload, slots)
+                    else:
+                        run = await run_ihld(url, kind, name, workload, slots, Path(tmp))
+                run.loads = dict(counter.loads)
+                results.append(run)
+    return results
+
+
+def table(results: list[RealRun]) -> str:
+    reference = next((r for r in results if r.run == "hand-batched"), None)
+    lines = [f"{'run':<14}{'done':>6}{'makespan s':>12}{'loads':>7}{'tok/s':>8}"
+             f"{'jobs/min':>10}{'vs hand':>9}"]
+    for r in results:
+        ratio = f"{r.makespan_s / reference.makespan_s:.3f}" if reference else "-"
+        lines.append(f"{r.run:<14}{r.done:>3}/{r.jobs:<3}{r.makespan_s:>11.2f}"
+                     f"{sum(r.loads.values()):>7}{r.tokens_per_s:>8.1f}{r.jobs_per_min:>10.1f}"
+                     f"{ratio:>9}")
+    return "\n".join(lines)
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

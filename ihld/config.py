@@ -44,6 +44,9 @@ class BackendConfig(_Strict):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=120.0, gt=0)  # max silence between stream chunks
     retries: int = Field(default=3, ge=0)  # quick transport retries before "backend down"
+    # kinds "openai"/"llamacpp": stream answers (SSE); false asks for whole replies, which
+    # costs a CPU-bound server (and ihld) less per token
+    stream: bool = True
     models: list[str] | None = None  # allow-list; None = any model
     # kind "openai": the NAME of an environment variable holding a bearer token (never the token).
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")

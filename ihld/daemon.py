@@ -199,13 +199,13 @@ class Daemon:
     def _backends(self, session: aiohttp.ClientSession) -> dict[str, Backend]:
         """One client per configured server, by kind (Ollama, or OpenAI-compatible)."""
         clients: dict[str, Backend] = {}
-        kinds: dict[str, type[OllamaBackend | OpenAIBackend]] = {
-            "ollama": OllamaBackend,
-            "openai": OpenAIBackend,
-            "llamacpp": LlamaCppBackend,
-        }
         for b in self.config.backends:
-            clients[b.name] = kinds[b.kind](b, session)
+            if b.kind == "ollama":
+                clients[b.name] = OllamaBackend(b, session)
+            elif b.kind == "llamacpp":
+                clients[b.name] = LlamaCppBackend(b, session, stream=b.stream)
+            else:
+                clients[b.name] = OpenAIBackend(b, session, stream=b.stream)
         return clients
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:

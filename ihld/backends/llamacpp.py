@@ -223,8 +223,12 @@ class LlamaCppBackend(OpenAIBackend):
         return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def _wait_state(self, name: str, wanted: str) -> None:
-        """Poll ``/models`` until ``name`` is ``wanted``; a failed child fails the load."""
-        backoff = Backoff(0.05, 0.5)
+        """Poll ``/models`` until ``name`` is ``wanted``; a failed child fails the load.
+
+        Every 50-100 ms: a load takes about a second here, and each poll is a cheap
+        local GET, while a late answer delays every request waiting for the model.
+        """
+        backoff = Backoff(0.05, 0.1)
         deadline = time.monotonic() + STATE_TIMEOUT_S
         while True:
             self._listing = await self._models_state()

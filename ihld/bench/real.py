@@ -174,7 +174,12 @@ async def run_ihld(
 async def run_hand_batched(
     session: aiohttp.ClientSession, url: str, jobs: list[dict[str, Any]], slots: int
 ) -> RealRun:
-    """Stage by stage across all jobs, ``slots`` in flight, the router loading on demand."""
+    """Stage by stage across all jobs, ``slots`` in flight, the router loading on demand.
+
+    A person writing this loop uses the names the router lists (``gemma3:270M``).
+    """
+    listed = await LoadCounter(session, url).states()
+    spelling = {name.lower(): name for name in listed}
     outputs: dict[str, dict[str, str]] = {job["id"]: {} for job in jobs}
     per_model: dict[str, dict[str, int]] = {}
     gate = asyncio.Semaphore(slots)
@@ -185,7 +190,7 @@ async def run_hand_batched(
         prompt = stage["prompt"].replace("{input[n]}", str(job["input"]["n"]))
         for name, text in outputs[job["id"]].items():
             prompt = prompt.replace("{stages[" + name + "]}", text)
-        body = {"model": stage["model"], "messages": [{"role": "user", "content": prompt}],
+        body = {"model": spelling.get(stage["model"].lower(), stage["model"]), "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": stage["options"]["num_predict"], "temperature": 0}
         async with gate, session.post(url + "/v1/chat/completions", json=body) as resp:
             reply = await resp.json()

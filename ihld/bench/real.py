@@ -190,8 +190,12 @@ async def run_hand_batched(
         prompt = stage["prompt"].replace("{input[n]}", str(job["input"]["n"]))
         for name, text in outputs[job["id"]].items():
             prompt = prompt.replace("{stages[" + name + "]}", text)
-        body = {"model": spelling.get(stage["model"].lower(), stage["model"]), "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": stage["options"]["num_predict"], "temperature": 0}
+        body = {
+            "model": spelling.get(stage["model"].lower(), stage["model"]),
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": stage["options"]["num_predict"],
+            "temperature": 0,
+        }
         async with gate, session.post(url + "/v1/chat/completions", json=body) as resp:
             reply = await resp.json()
         if resp.status != 200:

@@ -50,7 +50,6 @@ _INT_OPTIONS = {
 }
 _BOOL_OPTIONS = {"use_mmap", "numa", "low_vram", "use_mlock", "penalize_newline"}
 
-ERR_FORMAT = 'invalid format: expected "json" or a valid JSON schema'
 
 
 class BadRequest(ValueError):
@@ -100,14 +99,26 @@ class CompletionCall:
             return None
         return int(value)
 
-    def runner_options(self, profile: Profile) -> tuple[RunnerOptions, int]:
-        """The load-time options (defaults filled in) and the context length."""
+    def runner_options(
+        self, profile: Profile, spec: ModelSpec | None = None
+    ) -> tuple[RunnerOptions, int]:
+        """The load-time options (defaults filled in) and the context length.
+
+        As ``needsReload`` compares them (server/sched.go): a negative ``num_gpu`` is
+        ignored (auto), and ``num_ctx`` is clamped to the model's training context,
+        so two values above it are the same runner.
+        """
         merged = dict(RUNNER_OPTION_DEFAULTS)
         merged["num_ctx"] = profile.default_num_ctx
         for key in RUNNER_OPTION_DEFAULTS:
             if self.options.get(key) is not None:
                 merged[key] = self.options[key]
+        gpu = merged.get("num_gpu")
+        if isinstance(gpu, int | float) and not isinstance(gpu, bool) and gpu < 0:
+            merged["num_gpu"] = RUNNER_OPTION_DEFAULTS.get("num_gpu")
         num_ctx = max(4, int(merged["num_ctx"]))  # sched.go: NumCtx < 4 becomes 4
+        if spec is not None and spec.context_length > 0:
+            num_ctx = min(num_ctx, spec.context_length)
         merged["num_ctx"] = num_ctx
         return tuple(sorted(merged.items())), num_ctx
 
@@ -144,12 +155,16 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
-def _check_format(raw: Any) -> str | Mapping[str, Any] | None:
-    if raw is None or raw == "":
-        return None
-    if raw == "json" or isinstance(raw, Mapping):
-        return raw  # type: ignore[no-any-return]
-    raise BadRequest(ERR_FORMAT)
+ERR_FORMAT_TAIL = 'expected "json" or a valid JSON Schema object'
+
+
+def valid_format(fmt: Any) -> bool:
+    return fmt is None or fmt == "json" or isinstance(fmt, Mapping)
+
+
+def _check_format(raw: Any) -> Any:
+    """Any JSON value: the runner judges it after the load (``valid_format``)."""
+    return None if raw is None or raw == "" else raw
 
 
 def _check_messages(raw: Any) -> tuple[Mapping[str, Any], ...]:

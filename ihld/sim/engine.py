@@ -38,6 +38,19 @@ ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceed
 FOREVER_S = (2**63 - 1) / 1e9
 
 
+# Architectures Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
+# (server/sched.go, where numParallel is forced to 1), and embedding models.
+PARALLEL_ONE = frozenset(
+    {"mllama", "qwen3vl", "qwen3vlmoe", "qwen3next", "lfm2", "lfm2moe", "nemotron_h",
+     "nemotron_h_moe", "bert", "nomic-bert"}
+)
+
+
+def parallel_for(spec: ModelSpec, slots: int) -> int:
+    """Requests the runner serves at once: the server's slots, or 1 for those families."""
+    return 1 if spec.family in PARALLEL_ONE else slots
+
+
 class QueueFull(Exception):
     """The pending-load queue is full (Ollama's ErrMaxQueue, a 503)."""
 
@@ -276,7 +289,7 @@ class Engine:
             spec=spec,
             options=p.options,
             keep_alive=keep,
-            slots=self.profile.slots,
+            slots=parallel_for(spec, self.profile.slots),
             size_vram=spec.size_bytes if vram <= 0 else min(spec.size_bytes, vram),
             num_ctx=p.num_ctx,
             refcount=1,

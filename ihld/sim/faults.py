@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-FAULT_KINDS: tuple[str, ...] = ("500", "503", "drop", "midstream", "hang")
+# "silent": some output, then the stream just ends, with neither a done object nor an
+# error line: Ollama's token-repeat abort (llm/server.go) ends a stream like that.
+FAULT_KINDS: tuple[str, ...] = ("500", "503", "drop", "midstream", "hang", "silent")
 
 
 def _default_weights() -> dict[str, float]:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ihld.sim.api import (
+    ERR_FORMAT_TAIL,
     OLLAMA_VERSION,
     BadRequest,
     CompletionCall,
@@ -36,6 +37,7 @@ from ihld.sim.api import (
     ps_entry,
     show_object,
     tags_entry,
+    valid_format,
 )
 from ihld.sim.engine import ERR_MAX_QUEUE, Engine, QueueFull
 from ihld.sim.faults import FaultChoice, FaultPicker, Faults
@@ -275,7 +277,7 @@ async def _serve(
         return await _send_whole(request, rec, lifecycle_object(call, "unload"), "unload")
     if _wants_thinking(call.think) and not spec.thinking:
         return fail(rec, 400, f'"{call.model}" does not support thinking')
-    options, num_ctx = call.runner_options(state.profile)
+    options, num_ctx = call.runner_options(state.profile, spec)
 
     fault = state.faults.pick() if call.kind == "chat" else None
     if fault is not None:
@@ -298,6 +300,10 @@ async def _serve(
         loaded = time.monotonic()
         if call.kind == "load":
             return await _send_whole(request, rec, lifecycle_object(call, "load"), "load")
+        if not valid_format(call.format):
+            # Checked by the runner once the model is loaded (llm/llama_server.go): a 500
+            # after the load's time is spent, not a 400 up front.
+            return fail(rec, 500, f"invalid format: {call.format!r}; {ERR_FORMAT_TAIL}")
         reply = (make_reply or _Reply)(request, call, rec)
         return await _run(request, state, call, rec, runner, started, loaded, fault, reply)
     finally:
@@ -352,6 +358,7 @@ class _Reply:
         self.call = call
         self.rec = rec
         self.parts: list[str] = []
+        self.thinking: list[str] = []
         self.resp: web.StreamResponse | None = None
 
     def _stream_response(self) -> web.StreamResponse:
@@ -393,6 +400,14 @@ class _Reply:
     async def _line(self, obj: dict[str, Any]) -> None:
         await self._write((dumps(obj) + "\n").encode())
 
+    async def thought(self, text: str) -> None:
+        """A thinking model's reasoning, streamed in ``message.thinking`` before the content."""
+        self.thinking.append(text)
+        if self.call.stream and self.call.endpoint == "chat":
+            chunk = message_chunk(self.call, "")
+            chunk["message"]["thinking"] = text
+            await self._line(chunk)
+
     async def chunk(self, text: str) -> None:
         self.parts.append(text)
         if self.call.stream:
@@ -411,6 +426,12 @@ class _Reply:
             return await self._end()
         self.rec.status = 500
         return error_response(500, message)
+
+    async def end_silently(self) -> web.StreamResponse:
+        """End the stream cleanly with neither a done object nor an error (llm/server.go)."""
+        if self.resp is None:
+            await self._write(b"")
+        return await self._end()
 
     async def cut(self, final: dict[str, Any]) -> web.StreamResponse:
         """Drop the connection mid-body."""
@@ -439,12 +460,21 @@ async def _run(
     tokens = plan.tokens
     n_prompt = prompt_tokens(call.prompt_chars())
     broken = fault is not None and (
-        fault.kind == "midstream" or (fault.kind == "drop" and not fault.early)
+        fault.kind in ("midstream", "silent") or (fault.kind == "drop" and not fault.early)
     )
     limit = max(1, len(tokens) // 2) if broken else len(tokens)
 
+    # Thinking models think unless told not to (think absent or true, or a level):
+    # the reasoning streams first and costs decode time like any output (routes.go).
+    thinks = spec.thinking and call.think is not False and call.endpoint == "chat"
+    n_thought = max(1, len(tokens) // 4) if thinks else 0
+    thought = [f"step {n} " for n in range(n_thought)]
+
     async def emit(start: int, end: int) -> None:
-        await reply.chunk("".join(tokens[start:end]))
+        if start < n_thought:
+            await reply.thought("".join(thought[start:min(end, n_thought)]))
+        if end > n_thought:
+            await reply.chunk("".join(tokens[max(start, n_thought) - n_thought:end - n_thought]))
 
     async with runner.slot(state.stats):
         began_prompt = time.monotonic()
@@ -454,22 +484,26 @@ async def _run(
         due = began_prompt + (prompt_s if math.isfinite(prompt_s) else 0.0)
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         began_eval = time.monotonic()
-        await runner.pace(limit, speed, emit, start=due)
+        await runner.pace(n_thought + limit, speed, emit, start=due)
         ended_eval = time.monotonic()
 
     if fault is not None and fault.kind == "midstream":
         return await reply.fail(ERR_MIDSTREAM)
+    if fault is not None and fault.kind == "silent" and call.stream:
+        return await reply.end_silently()
     metrics = {
         "total_duration": _ns(time.monotonic() - started),
         "load_duration": _ns(loaded - started),
         "prompt_eval_count": n_prompt,
         "prompt_eval_duration": _ns(began_eval - began_prompt),
-        "eval_count": limit,
+        "eval_count": n_thought + limit,
         "eval_duration": _ns(ended_eval - began_eval),
     }
     text = "" if call.stream else "".join(reply.parts)
     context = context_tokens(key, n_prompt + limit) if call.endpoint == "generate" else None
     final = final_object(call, text, plan.done_reason, metrics, context)
+    if reply.thinking and not call.stream and call.endpoint == "chat":
+        final["message"]["thinking"] = "".join(reply.thinking)
     if broken:
         return await reply.cut(final)
     return await reply.finish(final, plan.done_reason)

@@ -240,6 +240,11 @@ class _OpenAIReply(_Reply):
         obj["usage"] = self._usage(final)
         return obj
 
+    async def thought(self, text: str) -> None:
+        """A thinking model's reasoning: ``reasoning_content`` (llama-server, vLLM)."""
+        if self.call.stream:
+            await self._event(self._chunk({"reasoning_content": text}, None))
+
     async def chunk(self, text: str) -> None:
         first = not self.parts
         self.parts.append(text)

@@ -236,6 +236,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(jobs=args.jobs, speed=args.speed))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ihld.bench.calibrate import calibrate
+    from ihld.sim.profiles import profile_to_json
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    profile = asyncio.run(calibrate(args.url, models, rounds=args.rounds, tokens=args.tokens))
+    text = json.dumps(profile_to_json(profile), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}: " + ", ".join(
+            f"{m.name} load {m.load_s} s, prompt {m.prompt_tps}/s, decode {m.gen_tps}/s "
+            f"x{list(m.throughput)}" for m in profile.models))  # fmt: skip
+    else:
+        print(text)
+    return 0
+
+
 def cmd_bench_real(args: argparse.Namespace) -> int:
     from ihld.bench.real import RUNS, bench_real, table
 
@@ -409,6 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=32, help="--backend: output tokens a stage")
     bench.add_argument("--slots", type=int, default=4, help="--backend: the server's slots")
     bench.set_defaults(func=cmd_bench)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="measure a llama.cpp router; write a simulator profile (JSON)"
+    )
+    calibrate.add_argument("url", help="the router, e.g. http://127.0.0.1:8080")
+    calibrate.add_argument("--models", required=True, help="comma-separated model names")
+    calibrate.add_argument("--rounds", type=int, default=3, help="repeats of each measurement")
+    calibrate.add_argument("--tokens", type=int, default=32, help="output tokens a request")
+    calibrate.add_argument("--out", help="write the profile here (default: stdout)")
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

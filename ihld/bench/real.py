@@ -80,15 +80,20 @@ def aba_jobs(count: int, tokens: int, models: tuple[str, str]) -> list[dict[str,
 
 
 class LoadCounter:
-    """Counts each model's transitions to ``loaded`` in the router's ``GET /models``."""
+    """Counts each model's transitions to ``loaded``: in llama.cpp's ``GET /models``, or
+    (``ollama``: the simulator, for predictions) a model appearing in ``/api/ps``."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session, self.url = session, url
+    def __init__(self, session: aiohttp.ClientSession, url: str, kind: str = "llamacpp") -> None:
+        self.session, self.url, self.kind = session, url, kind
         self.loads: Counter[str] = Counter()
         self._last: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def states(self) -> dict[str, str]:
+        if self.kind == "ollama":
+            async with self.session.get(self.url + "/api/ps") as resp:
+                models = (await resp.json()).get("models", [])
+            return {m["name"]: "loaded" for m in models}
         async with self.session.get(self.url + "/models") as resp:
             data = (await resp.json()).get("data", [])
         return {m["id"]: (m.get("status") or {}).get("value", "") for m in data}
@@ -103,6 +108,7 @@ class LoadCounter:
 
     async def __aenter__(self) -> LoadCounter:
         self._last = await self.states()
+        self.loads.clear()
         self._task = asyncio.create_task(self._poll())
         return self
 
@@ -112,15 +118,19 @@ class LoadCounter:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def unload_all(session: aiohttp.ClientSession, url: str) -> None:
+async def unload_all(session: aiohttp.ClientSession, url: str, kind: str = "llamacpp") -> None:
     """Start every run from the same state: nothing loaded."""
-    counter = LoadCounter(session, url)
+    counter = LoadCounter(session, url, kind)
     for _ in range(600):
         running = [m for m, s in (await counter.states()).items() if s in ("loaded", "loading")]
         if not running:
             return
         for model in running:
-            async with session.post(url + "/models/unload", json={"model": model}) as resp:
+            if kind == "ollama":
+                path, body = "/api/chat", {"model": model, "messages": [], "keep_alive": 0}
+            else:
+                path, body = "/models/unload", {"model": model}
+            async with session.post(url + path, json=body) as resp:
                 await resp.read()
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{url}: models still loaded after unloading: {running}")
@@ -172,13 +182,14 @@ async def run_ihld(
 
 
 async def run_hand_batched(
-    session: aiohttp.ClientSession, url: str, jobs: list[dict[str, Any]], slots: int
+    session: aiohttp.ClientSession, url: str, jobs: list[dict[str, Any]], slots: int,
+    kind: str = "llamacpp",
 ) -> RealRun:
     """Stage by stage across all jobs, ``slots`` in flight, the router loading on demand.
 
     A person writing this loop uses the names the router lists (``gemma3:270M``).
     """
-    listed = await LoadCounter(session, url).states()
+    listed = await LoadCounter(session, url, kind).states() if kind != "ollama" else {}
     spelling = {name.lower(): name for name in listed}
     outputs: dict[str, dict[str, str]] = {job["id"]: {} for job in jobs}
     per_model: dict[str, dict[str, int]] = {}
@@ -223,10 +234,10 @@ async def bench_real(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         with tempfile.TemporaryDirectory(prefix="ihld-bench-real-") as tmp:
             for name in runs:
-                await unload_all(session, url)
-                async with LoadCounter(session, url) as counter:
+                await unload_all(session, url, kind)
+                async with LoadCounter(session, url, kind) as counter:
                     if name == "hand-batched":
-                        run = await run_hand_batched(session, url, workload, slots)
+                        run = await run_hand_batched(session, url, workload, slots, kind)
                     else:
                         run = await run_ihld(url, kind, name, workload, slots, Path(tmp))
                 run.loads = dict(counter.loads)

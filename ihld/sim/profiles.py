@@ -10,7 +10,10 @@ its source, in ``docs/simulator.md``; change the two together.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 GIB = 1024**3
 
@@ -221,9 +224,41 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str) -> Profile:
-    """The profile called ``name``; KeyError names the ones that exist."""
+    """The profile called ``name``, or the one in the JSON file ``name`` (``ihld calibrate``
+    writes them); KeyError names the built-in ones."""
+    if name.endswith(".json"):
+        try:
+            return load_profile_file(name)
+        except ValueError as exc:
+            raise KeyError(str(exc)) from None
     try:
         return PROFILES[name]
     except KeyError:
         known = ", ".join(sorted(PROFILES))
         raise KeyError(f"unknown simulator profile {name!r}; known: {known}") from None
+
+
+# --- profiles measured on a real server (``ihld calibrate``) -------------------
+
+
+def profile_to_json(profile: Profile) -> dict[str, Any]:
+    """A profile as JSON: its fields and its models' fields."""
+    data = dataclasses.asdict(profile)
+    for model in data["models"]:
+        model["throughput"] = list(model["throughput"])
+    return data
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """The profile in a JSON file; ValueError naming the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        models = tuple(
+            ModelSpec(**{**m, "throughput": tuple(m.get("throughput", (1.0,)))})
+            for m in data.pop("models")
+        )
+        profile = Profile(models=models, **data)
+        profile.check()
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a simulator profile: {exc}") from None
+    return profile

@@ -89,6 +89,7 @@ async def calibrate(
             loads = [await _load_s(session, url, listed) for _ in range(rounds)]
             async with session.get(url + "/props", params={"model": listed}) as resp:
                 slots = int((await resp.json()).get("total_slots") or 1)
+            await _rates(session, url, listed, slots, tokens, -1)  # warm up: not measured
             prompt_tps, per_stream = [], []
             for k in range(1, slots + 1):
                 samples = [await _rates(session, url, listed, k, tokens, r) for r in range(rounds)]

@@ -39,7 +39,6 @@ import aiohttp
 
 from ihld.backends.base import (
     BackendError,
-    BackendUnavailable,
     ChatRequest,
     ChatResult,
     KeepAlive,
@@ -47,6 +46,7 @@ from ihld.backends.base import (
     LoadResult,
     ModelNotFound,
     ModelNotLoaded,
+    ServerError,
 )
 from ihld.backends.http import ProtocolError, read_capped
 from ihld.backends.openai import CHAT_PATH, OpenAIBackend
@@ -244,8 +244,8 @@ class LlamaCppBackend(OpenAIBackend):
                 )
             if _status(entry) == wanted or (wanted == "loaded" and _status(entry) == "sleeping"):
                 return
-            if time.monotonic() > deadline:
-                raise BackendUnavailable(
+            if time.monotonic() > deadline:  # stuck: counts as a failed try (bounded)
+                raise ServerError(
                     f"{self._who()}: {name!r} not {wanted} after {STATE_TIMEOUT_S:g} s"
                 )
             await asyncio.sleep(backoff.next())

@@ -23,7 +23,7 @@ import structlog
 
 from ihld.actors import ActorLike, StageContext
 from ihld.backends.base import Backend, BackendError
-from ihld.backoff import Backoff, backoff_delay
+from ihld.backoff import backoff_delay
 from ihld.commit import GroupCommitter
 from ihld.config import BackendConfig, Config
 from ihld.executor import (
@@ -36,6 +36,7 @@ from ihld.executor import (
     run_stage,
 )
 from ihld.figures import LearnedCosts, ModelFigures
+from ihld.health import BackendHealth
 from ihld.jobs import RUNNER_OPTIONS
 from ihld.parallelism import ParallelWatch
 from ihld.progress import JobProgress
@@ -117,19 +118,25 @@ class Engine:
         )
         self.jobs: dict[str, JobProgress] = {}
         self.counters = Counters()
-        self.down: dict[str, str] = {}  # backend -> why
+
         self.started = time.monotonic()
         self._kick = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self.committer = GroupCommitter(spool)
-        self._probes: dict[str, asyncio.Task[None]] = {}
+        self.health = BackendHealth(
+            self.backends, self.scheduler, self.backend_configs, on_change=self.kick
+        )
         self._requests: dict[tuple[str, str], asyncio.Task[Any]] = {}  # stages waiting on a server
-        self._reconciler: asyncio.Task[None] | None = None
         self.parallel = ParallelWatch()
         self._observers: set[asyncio.Task[None]] = set()
         self._dispatching = True
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def down(self) -> Mapping[str, str]:
+        """Backends down now, with why (read-only; ``BackendHealth`` owns it)."""
+        return MappingProxyType(self.health.down)
 
     def apply_config(self, config: Config) -> list[str]:
         """Take a reloaded config: what can change live does; returns the keys that need a restart.
@@ -200,7 +207,7 @@ class Engine:
     async def run(self) -> None:
         """Dispatch until ``stop_dispatching``; actions started keep running."""
         self.committer.start()
-        self._reconciler = asyncio.create_task(self._reconcile_loop())
+        self.health.start(lambda: self.config.scheduler.reconcile_s)
         while self._dispatching:
             self._kick.clear()
             now = time.monotonic()
@@ -249,9 +256,7 @@ class Engine:
         """
         self._dispatching = False
         self.kick()
-        for probe in [*self._probes.values(), self._reconciler]:
-            if probe is not None:
-                probe.cancel()
+        self.health.stop()
         if self._actions:
             _done, pending = await asyncio.wait(set(self._actions), timeout=grace_s)
         else:
@@ -396,7 +401,7 @@ class Engine:
         base, cap = TRANSIENT_BACKOFF
         delay = backoff_delay(task.setbacks + 1, base_s=base, cap_s=cap)
         self._requeue(task, progress, delay=delay, counts=False, setback=True)
-        self._suspect(task.backend or "", outcome.message)
+        self.health.suspect(task.backend or "", outcome.message)
 
     def _model_unusable(self, backend: str, model_key: str, kind: str, message: str) -> None:
         """This backend cannot serve the model. The scheduler sends its stages elsewhere,
@@ -588,7 +593,7 @@ class Engine:
                     waiting[0],
                     "deadline",
                     "job deadline passed before it finished (deadline_s / [limits] job_deadline_s)",
-                    backends_down=dict(self.down) or None,
+                    backends_down=dict(self.health.down) or None,
                 )
 
     # -- models -------------------------------------------------------------------------
@@ -631,7 +636,7 @@ class Engine:
         count = self.scheduler.load_failed(action.backend, action.model_key, retry_at=now + delay)
         log.error("model_load_failed", kind=exc.kind, error=str(exc), failures=count)
         if transient:
-            self._suspect(action.backend, str(exc))
+            self.health.suspect(action.backend, str(exc))
         elif exc.effect == "model" or count >= self.config.limits.max_attempts:
             self._model_unusable(action.backend, action.model_key, exc.kind, str(exc))
         self.kick()
@@ -644,61 +649,3 @@ class Engine:
             log.warning("model_unload_failed", error=str(exc))
         self.scheduler.unloaded(action.backend, action.model_key, time.monotonic())
         log.info("model_unloaded")
-
-    async def _reconcile_loop(self) -> None:
-        """Read what each server holds (Ollama evicts on its own, idle or not)."""
-        while True:
-            await asyncio.sleep(self.config.scheduler.reconcile_s)
-            await self.reconcile()
-
-    async def reconcile(self) -> None:
-        """Align the scheduler's residency with each up backend's own list, once."""
-        for name, backend in self.backends.items():
-            if name in self.down:
-                continue
-            asked_at = time.monotonic()
-            try:
-                async with asyncio.timeout(self.backend_configs[name].connect_timeout_s + 5):
-                    listed = await backend.ps()
-            except (BackendError, TimeoutError):
-                continue  # the probe, not this, decides whether the backend is down
-            if listed is None:
-                continue
-            names = [str(m.get("name") or m.get("model") or "") for m in listed]
-            dropped = self.scheduler.reconcile(name, [n for n in names if n], asked_at)
-            for model in dropped:
-                log.warning("model_dropped_by_server", backend=name, model=model)
-            if dropped:
-                self.kick()
-
-    # -- backend health -------------------------------------------------------------------
-
-    def _suspect(self, name: str, reason: str) -> None:
-        """A request failed the server's way: probe its health once; down only if that fails."""
-        if name in self.down or name in self._probes or not self._dispatching:
-            return
-        self._probes[name] = asyncio.create_task(self._probe(name, reason))
-
-    async def _probe(self, name: str, reason: str) -> None:
-        """Ask the health endpoint; while it fails the backend is down and nothing is sent."""
-        backend = self.backends[name]
-        backoff = Backoff(0.25, 5.0)
-        try:
-            while True:
-                try:
-                    await backend.version()
-                except BackendError as exc:
-                    if name not in self.down:
-                        self.down[name] = reason
-                        self.scheduler.backend_down(name)
-                        log.warning("backend_down", backend=name, error=reason, probe=str(exc))
-                    await asyncio.sleep(backoff.next())
-                    continue
-                break
-        finally:
-            self._probes.pop(name, None)
-        if self.down.pop(name, None) is not None:
-            self.scheduler.backend_up(name)
-            log.info("backend_up", backend=name)
-            await self.reconcile()
-        self.kick()

@@ -25,8 +25,8 @@ from pathlib import Path
 from ihld.bench.metrics import epoch
 from ihld.bench.procs import DaemonProcess, SimProcess, wait_for
 from ihld.bench.workloads import debate_job
-from ihld.logs import read_events
-from ihld.submit import submit_file
+from ihld.client.submit import submit_file
+from ihld.observe.logs import read_events
 
 
 @dataclass

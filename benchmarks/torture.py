@@ -65,7 +65,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 IHLD = [sys.executable, "-m", "ihld"]
 
-# Every fail point in ihld's file code (ihld/failpoints.py lists them).
+# Every fail point in ihld's file code (ihld/common/failpoints.py lists them).
 CLAIM_POINTS = ("claim.before_rename", "claim.after_rename")
 INTAKE_POINTS = ("intake.after_job_saved", "intake.before_release")
 WORK_POINTS = (
@@ -164,7 +164,7 @@ def control(spool: Path, method: str = "GET", path: str = "/status") -> dict[str
     """One request to the daemon's control socket; None when nothing answers."""
     import asyncio
 
-    from ihld.submit import control_request
+    from ihld.client.submit import control_request
 
     return asyncio.run(control_request(spool / "run" / "ihld.sock", method, path))
 
@@ -220,7 +220,7 @@ def in_progress(spool: Path) -> int:
 
 def records(directory: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """``<stem>: record`` for every ``*.json`` of ``directory``, and the files that do not parse."""
-    from ihld import jsonsafe
+    from ihld.common import jsonsafe
 
     out: dict[str, dict[str, Any]] = {}
     bad: list[str] = []

@@ -16,44 +16,44 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
-    from ihld.actors import Actor as Actor
-    from ihld.actors import ActorLike as ActorLike
-    from ihld.actors import StageContext as StageContext
     from ihld.backends.base import ChatRequest as ChatRequest
     from ihld.backends.base import ChatResult as ChatResult
-    from ihld.builtin import chat_request as chat_request
-    from ihld.builtin import parse_json_reply as parse_json_reply
-    from ihld.errors import StageError as StageError
-    from ihld.hookspecs import hookimpl as hookimpl
-    from ihld.jobs import Job as Job
-    from ihld.jobs import StageSpec as StageSpec
-    from ihld.policies import Affinity as Affinity
-    from ihld.policies import Fifo as Fifo
-    from ihld.scheduler import Action as Action
-    from ihld.scheduler import BackendSlots as BackendSlots
-    from ihld.scheduler import Policy as Policy
-    from ihld.scheduler import Scheduler as Scheduler
-    from ihld.scheduler import Task as Task
+    from ihld.common.errors import StageError as StageError
+    from ihld.core.actors import Actor as Actor
+    from ihld.core.actors import ActorLike as ActorLike
+    from ihld.core.actors import StageContext as StageContext
+    from ihld.core.jobs import Job as Job
+    from ihld.core.jobs import StageSpec as StageSpec
+    from ihld.core.policies import Affinity as Affinity
+    from ihld.core.policies import Fifo as Fifo
+    from ihld.core.scheduler import Action as Action
+    from ihld.core.scheduler import BackendSlots as BackendSlots
+    from ihld.core.scheduler import Policy as Policy
+    from ihld.core.scheduler import Scheduler as Scheduler
+    from ihld.core.scheduler import Task as Task
+    from ihld.plugins.builtin import chat_request as chat_request
+    from ihld.plugins.builtin import parse_json_reply as parse_json_reply
+    from ihld.plugins.hookspecs import hookimpl as hookimpl
 
 _API = {
-    "Actor": "ihld.actors",
-    "ActorLike": "ihld.actors",
-    "StageContext": "ihld.actors",
+    "Actor": "ihld.core.actors",
+    "ActorLike": "ihld.core.actors",
+    "StageContext": "ihld.core.actors",
     "ChatRequest": "ihld.backends.base",
     "ChatResult": "ihld.backends.base",
-    "chat_request": "ihld.builtin",
-    "parse_json_reply": "ihld.builtin",
-    "StageError": "ihld.errors",
-    "hookimpl": "ihld.hookspecs",
-    "Job": "ihld.jobs",
-    "StageSpec": "ihld.jobs",
-    "Affinity": "ihld.policies",
-    "Fifo": "ihld.policies",
-    "Action": "ihld.scheduler",
-    "BackendSlots": "ihld.scheduler",
-    "Policy": "ihld.scheduler",
-    "Scheduler": "ihld.scheduler",
-    "Task": "ihld.scheduler",
+    "chat_request": "ihld.plugins.builtin",
+    "parse_json_reply": "ihld.plugins.builtin",
+    "StageError": "ihld.common.errors",
+    "hookimpl": "ihld.plugins.hookspecs",
+    "Job": "ihld.core.jobs",
+    "StageSpec": "ihld.core.jobs",
+    "Affinity": "ihld.core.policies",
+    "Fifo": "ihld.core.policies",
+    "Action": "ihld.core.scheduler",
+    "BackendSlots": "ihld.core.scheduler",
+    "Policy": "ihld.core.scheduler",
+    "Scheduler": "ihld.core.scheduler",
+    "Task": "ihld.core.scheduler",
 }
 
 __all__ = [

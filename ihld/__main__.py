@@ -1,3 +1,3 @@
-from ihld.cli import main
+from ihld.cli.main import main
 
 raise SystemExit(main())

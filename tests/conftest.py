@@ -120,7 +120,7 @@ class DaemonRig:
     def status(self) -> dict[str, Any] | None:
         import asyncio
 
-        from ihld.submit import control_request
+        from ihld.client.submit import control_request
 
         return asyncio.run(control_request(self.spool / "run" / "ihld.sock", "GET", "/status"))
 

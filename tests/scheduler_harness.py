@@ -11,8 +11,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from ihld.policies import BUILTIN
-from ihld.scheduler import (
+from ihld.core.policies import BUILTIN
+from ihld.core.scheduler import (
     BackendSlots,
     Dispatch,
     FixedCosts,

@@ -201,7 +201,7 @@ tar -C {SRC} --exclude=./.venv --exclude=./.git --exclude='*/__pycache__' \\
 env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root {pip_env} \
     /opt/ihld/.venv/bin/pip install --quiet --disable-pip-version-check /opt/ihld
 /opt/ihld/.venv/bin/python -m compileall -q /opt/ihld/plugins
-/opt/ihld/.venv/bin/python -c 'import ihld.daemon'   # the installed tree imports
+/opt/ihld/.venv/bin/python -c 'import ihld.service.daemon'   # the installed tree imports
 install -d -o root -g ihld -m 0750 /etc/ihld
 install -m 0644 /opt/ihld/systemd/ihld.service /etc/systemd/system/ihld.service
 rm -rf /etc/systemd/system/ihld.service.d

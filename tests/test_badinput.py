@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from benchmarks.torture import Sim, records
-from ihld.jobs import default_id_for
+from ihld.core.jobs import default_id_for
 from tests.conftest import IHLD, REPO, DaemonRig, drop
 
 MAX_JOB_BYTES = 65536
@@ -627,9 +627,9 @@ def test_spool_too_deep_for_the_control_socket_is_reported(
 def _intake(tmp_path: Path, resolver: Any = None) -> Any:
     import itertools
 
-    from ihld.intake import Intake
-    from ihld.jobs import StageSpec, resolve
-    from ihld.spool import Spool
+    from ihld.core.intake import Intake
+    from ihld.core.jobs import StageSpec, resolve
+    from ihld.core.spool import Spool
 
     pipes = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
 
@@ -680,7 +680,7 @@ def test_replaying_a_duplicate_writes_its_record_once(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_during_intake_does_not_turn_jobs_into_duplicates(tmp_path: Path) -> None:
-    from ihld import failpoints
+    from ihld.common import failpoints
 
     intake = _intake(tmp_path)
     failpoints.configure("checkpoint.before_publish:enospc")
@@ -739,7 +739,7 @@ def test_non_utf8_names_are_recorded_as_valid_utf8(tmp_path: Path) -> None:
 
 
 def test_strict_json_refuses_overflow_and_huge_integers() -> None:
-    from ihld import jsonsafe
+    from ihld.common import jsonsafe
 
     for text in ('{"a": 1e999}', '{"a": -1e400}', '{"a": ' + "7" * 4301 + "}"):
         with pytest.raises(jsonsafe.StrictJSONError):
@@ -748,7 +748,7 @@ def test_strict_json_refuses_overflow_and_huge_integers() -> None:
 
 
 def test_the_inflight_log_never_raises(tmp_path: Path) -> None:
-    from ihld.spool import InflightLog
+    from ihld.core.spool import InflightLog
 
     log = InflightLog(Path("/dev/full"))  # every write: ENOSPC
     log.started("j", "s")

@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
-from ihld.actors import Actor, StageContext
 from ihld.backends.base import ChatResult
-from ihld.builtin import (
+from ihld.common.errors import StageError
+from ihld.core.actors import Actor, StageContext
+from ihld.core.schema import validate_schema
+from ihld.plugins.builtin import (
     MAX_RENDERED_CHARS,
     PROMPT_ACTOR,
     TemplateError,
@@ -16,8 +18,6 @@ from ihld.builtin import (
     check_template,
     parse_json_reply,
 )
-from ihld.errors import StageError
-from ihld.schema import validate_schema
 
 VERDICT = {
     "type": "object",
@@ -37,7 +37,7 @@ def ctx(
     outputs: dict[str, Any] | None = None,
     **stage: Any,
 ) -> StageContext:
-    from ihld.jobs import StageSpec
+    from ihld.core.jobs import StageSpec
 
     return StageContext(
         job_id="job-7",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ihld import failpoints
-from ihld.commit import GroupCommitter
-from ihld.spool import Spool
+from ihld.common import failpoints
+from ihld.core.commit import GroupCommitter
+from ihld.core.spool import Spool
 
 
 @pytest.fixture

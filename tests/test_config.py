@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from ihld.config import DEFAULT_CONFIG, Config, load_config
-from ihld.errors import ConfigError
+from ihld.common.errors import ConfigError
+from ihld.core.config import DEFAULT_CONFIG, Config, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -72,7 +72,7 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def test_every_key_is_documented_in_the_shipped_file() -> None:
     text = DEFAULT_CONFIG.read_text()
-    from ihld.config import BackendConfig
+    from ihld.backends.settings import BackendConfig
 
     missing = []
     for key in _keys(Config) + [f"backends.{k}" for k in _keys(BackendConfig)]:

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from ihld import jobs
-from ihld.actors import Actor, StageContext
 from ihld.backends.base import ChatResult
-from ihld.config import PipelineConfig
-from ihld.errors import StageError
-from ihld.jobs import Job, StageOverride, parse_document
-from ihld.plugins import PluginHost, load_plugins
+from ihld.common.errors import StageError
+from ihld.core import jobs
+from ihld.core.actors import Actor, StageContext
+from ihld.core.config import PipelineConfig
+from ihld.core.jobs import Job, StageOverride, parse_document
+from ihld.plugins.host import PluginHost, load_plugins
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 VERDICT_SCHEMA = {

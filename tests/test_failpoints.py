@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.torture import Sim, audit, finished_stages, resent_after
-from ihld import failpoints
+from ihld.common import failpoints
 from tests.conftest import DaemonRig
 
 GOOD = ["fpa0", "fpa1", "fpa2", "fpb"]

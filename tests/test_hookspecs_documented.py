@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from ihld import hookspecs
-from ihld.jobs import Job, StageSpec, parse_document
-from ihld.plugins import load_plugins
+from ihld.core.jobs import Job, StageSpec, parse_document
+from ihld.plugins import hookspecs
+from ihld.plugins.host import load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"

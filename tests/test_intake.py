@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ihld.intake import Intake
-from ihld.jobs import Job, JobSpec, StageSpec, resolve
-from ihld.spool import Spool
+from ihld.core.intake import Intake
+from ihld.core.jobs import Job, JobSpec, StageSpec, resolve
+from ihld.core.spool import Spool
 
 PIPE = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
 

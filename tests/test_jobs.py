@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ihld.errors import JobError
-from ihld.jobs import StageOverride, StageSpec, default_id_for, read_entries, resolve
+from ihld.common.errors import JobError
+from ihld.core.jobs import StageOverride, StageSpec, default_id_for, read_entries, resolve
 
 PIPELINES = {
     "two": (
@@ -121,6 +121,6 @@ def test_actor_default_model_is_used() -> None:
 def test_job_record_round_trip() -> None:
     (entry,) = entries("j.json", json.dumps({"pipeline": "two", "priority": 3, "input": {"t": 1}}))
     job = resolve(entry.spec, "j", pipelines=PIPELINES, actor_models=ACTORS, source={"line": None})
-    from ihld.jobs import Job
+    from ihld.core.jobs import Job
 
     assert Job.from_record(json.loads(json.dumps(job.to_record()))) == job

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ihld import jsonsafe
+from ihld.common import jsonsafe
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from ihld.backends.base import (
     ServerError,
 )
 from ihld.backends.llamacpp import LlamaCppBackend
-from ihld.config import BackendConfig
+from ihld.backends.settings import BackendConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ihld.logs import (
+from ihld.observe.logs import (
     close_logging,
     configure_logging,
     log_path,
@@ -328,7 +328,7 @@ CHILD = """
 import sys
 from pathlib import Path
 import structlog
-from ihld.logs import configure_logging, stderr_is_journal
+from ihld.observe.logs import configure_logging, stderr_is_journal
 log_file = Path(sys.argv[1]) if sys.argv[1] else None
 configure_logging("debug", log_file=log_file)
 print(stderr_is_journal())

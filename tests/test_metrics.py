@@ -16,8 +16,8 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from ihld.logs import close_logging, configure_logging, read_events
-from ihld.metrics import Metrics
+from ihld.observe.logs import close_logging, configure_logging, read_events
+from ihld.observe.metrics import Metrics
 from tests.conftest import DaemonRig, SimProcess, debate_lines, drop
 
 
@@ -260,8 +260,8 @@ def test_metrics_endpoint_of_a_real_run(
 
 
 def test_listen_is_validated(tmp_path: Path) -> None:
-    from ihld.config import load_config
-    from ihld.errors import ConfigError
+    from ihld.common.errors import ConfigError
+    from ihld.core.config import load_config
 
     path = tmp_path / "ihld.toml"
     path.write_text('[control]\nlisten = "127.0.0.1:9464"\n')

@@ -55,7 +55,7 @@ from ihld.backends.ollama import (
     backoff_delay,
     make_session,
 )
-from ihld.config import BackendConfig
+from ihld.backends.settings import BackendConfig
 
 MODEL = "qwen2.5:7b"
 NOT_FOUND = 'model "nope" not found, try pulling it first'

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion
 
-from ihld.errors import JobError
-from ihld.openai_batch import to_spec
+from ihld.common.errors import JobError
+from ihld.plugins.openai_batch import to_spec
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, drop
 
 

@@ -42,8 +42,8 @@ from ihld.backends.base import (
 from ihld.backends.http import ReadTimeout
 from ihld.backends.ollama import TASK_HEADER, ModelNotAllowed, ProtocolError
 from ihld.backends.openai import OPTION_MAP, OpenAIBackend, openai_metrics, request_body
-from ihld.config import BackendConfig, parse_config
-from ihld.errors import ConfigError
+from ihld.common.errors import ConfigError
+from ihld.core.config import BackendConfig, parse_config
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 CHAT = "/v1/chat/completions"

@@ -13,20 +13,20 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from ihld import builtin
-from ihld.actors import Actor, ActorLike, StageContext
 from ihld.backends.base import ChatRequest, ChatResult
-from ihld.config import PipelineConfig
-from ihld.errors import JobError, PluginError
-from ihld.hookspecs import hookimpl
-from ihld.jobs import Job, StageOverride, StageSpec, parse_document
-from ihld.plugins import PluginHost, load_plugins
+from ihld.common.errors import JobError, PluginError
+from ihld.core.actors import Actor, ActorLike, StageContext
+from ihld.core.config import PipelineConfig
+from ihld.core.jobs import Job, StageOverride, StageSpec, parse_document
+from ihld.plugins import builtin
+from ihld.plugins.hookspecs import hookimpl
+from ihld.plugins.host import PluginHost, load_plugins
 from tests.conftest import REPO
 
 ECHO = """
 from ihld.backends.base import ChatRequest
-from ihld.builtin import chat_request
-from ihld.hookspecs import hookimpl
+from ihld.plugins.builtin import chat_request
+from ihld.plugins.hookspecs import hookimpl
 
 
 class Echo:
@@ -132,8 +132,8 @@ def test_hook_register_pipelines(plugin_dir: Path) -> None:
         plugin_dir,
         "flows",
         """
-        from ihld.hookspecs import hookimpl
-        from ihld.jobs import StageSpec
+        from ihld.plugins.hookspecs import hookimpl
+        from ihld.core.jobs import StageSpec
 
         @hookimpl
         def register_pipelines(register):
@@ -180,7 +180,7 @@ async def test_hook_job_finished(plugin_dir: Path) -> None:
         "announcer",
         """
         import asyncio
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         SEEN = []
 
@@ -212,8 +212,8 @@ def test_user_plugin_overrides_builtin_prompt(plugin_dir: Path) -> None:
     host = load(plugin_dir)
     assert host.actors["prompt"] is not builtin.PROMPT_ACTOR
     assert host.actor_models()["prompt"] == "mine"
-    assert row(host, "ihld.builtin")["actors"] == ["openai-chat"]
-    assert row(host, "ihld.builtin")["shadowed"] == ["prompt"]
+    assert row(host, "ihld.plugins.builtin")["actors"] == ["openai-chat"]
+    assert row(host, "ihld.plugins.builtin")["shadowed"] == ["prompt"]
     assert row(host, "myprompt")["actors"] == ["prompt"]
 
 
@@ -250,7 +250,7 @@ def test_two_user_plugins_same_actor_is_an_error_naming_both(plugin_dir: Path) -
 
 def test_two_user_plugins_same_pipeline_is_an_error_naming_both(plugin_dir: Path) -> None:
     source = """
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         @hookimpl
         def register_pipelines(register):
@@ -312,7 +312,7 @@ def test_misspelt_hook_fails_via_check_pending(plugin_dir: Path) -> None:
         plugin_dir,
         "typo",
         """
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         @hookimpl
         def register_actor(register):
@@ -332,7 +332,7 @@ def test_misspelt_argument_names_the_file(plugin_dir: Path) -> None:
         plugin_dir,
         "argtypo",
         """
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         @hookimpl
         def register_actors(regster):
@@ -364,7 +364,7 @@ def test_register_hook_that_raises_is_a_plugin_error(plugin_dir: Path) -> None:
         plugin_dir,
         "raiser",
         """
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         @hookimpl
         def register_pipelines(register):
@@ -386,7 +386,7 @@ def test_private_and_hidden_files_are_skipped(plugin_dir: Path) -> None:
     (plugin_dir / "notes.txt").write_text("not python")
     write(plugin_dir, "echoes", echo())
     host = load(plugin_dir)
-    assert [r["name"] for r in host.describe()] == ["ihld.builtin", "echoes"]
+    assert [r["name"] for r in host.describe()] == ["ihld.plugins.builtin", "echoes"]
 
 
 def test_each_load_is_fresh(plugin_dir: Path) -> None:
@@ -533,7 +533,7 @@ def test_allow_list_env_loads_only_named_plugins(
         host = load(plugin_dir)
     assert [e["plugin"] for e in logs if e["event"] == "plugin_not_found"] == ["other"]
     assert set(host.actors) == {"prompt", "openai-chat", "a"}
-    assert [r["name"] for r in host.describe()] == ["ihld.builtin", "alpha"]
+    assert [r["name"] for r in host.describe()] == ["ihld.plugins.builtin", "alpha"]
 
 
 def test_allow_list_env_empty_loads_only_builtin(
@@ -599,7 +599,7 @@ async def test_async_observer_is_awaited(plugin_dir: Path) -> None:
         "slow",
         """
         import asyncio
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         DONE = []
 
@@ -669,7 +669,7 @@ async def test_trace_hooks_env_logs_each_call(monkeypatch: pytest.MonkeyPatch) -
         host = load(plugins={"recorder": Recorder()})
         await host.notify("job_failed", job_id="x", job=None, error={})
     called = [(e["hook"], e["plugins"]) for e in logs if e["event"] == "plugin_hook_called"]
-    assert ("register_actors", ["ihld.builtin"]) in called
+    assert ("register_actors", ["ihld.plugins.builtin"]) in called
     assert ("job_failed", ["recorder"]) in called
     returned = [e for e in logs if e["event"] == "plugin_hook_returned"]
     assert len(returned) == len(called)
@@ -691,7 +691,7 @@ def _flow_plugin(directory: Path) -> None:
         directory,
         "flows",
         """
-        from ihld.hookspecs import hookimpl
+        from ihld.plugins.hookspecs import hookimpl
 
         @hookimpl
         def register_pipelines(register):
@@ -762,7 +762,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
     host = load(plugin_dir, plugins={"recorder": Recorder()})
     assert host.describe() == [
         {
-            "name": "ihld.builtin",
+            "name": "ihld.plugins.builtin",
             "kind": "builtin",
             "file": builtin.__file__,
             "dist": None,
@@ -880,7 +880,7 @@ def register_policies(register):
 def test_hook_register_policies(plugin_dir: Path) -> None:
     """A plugin file adds a policy, importing only from ihld; the scheduler runs it."""
     from ihld import BackendSlots, Scheduler, Task
-    from ihld.scheduler import Dispatch
+    from ihld.core.scheduler import Dispatch
 
     write(plugin_dir, "newest", NEWEST_POLICY)
     host = load(plugin_dir)

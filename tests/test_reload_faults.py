@@ -21,8 +21,8 @@ from pathlib import Path
 from tests.conftest import DaemonRig, SimProcess, drop
 
 GOOD_PLUGIN = '''
-from ihld.hookspecs import hookimpl
-from ihld.jobs import StageSpec
+from ihld.plugins.hookspecs import hookimpl
+from ihld.core.jobs import StageSpec
 
 
 @hookimpl
@@ -35,9 +35,9 @@ raise ImportError("this plugin needs a module that is not installed")
 '''
 
 ANGRY_PLUGIN = '''
-from ihld.hookspecs import hookimpl
-from ihld.jobs import StageSpec
-from ihld.builtin import chat_request
+from ihld.plugins.hookspecs import hookimpl
+from ihld.core.jobs import StageSpec
+from ihld.plugins.builtin import chat_request
 
 
 class Angry:
@@ -221,9 +221,9 @@ def test_plugin_raising_everywhere_fails_only_its_own_stages(
 
 
 NAN_PLUGIN = '''
-from ihld.hookspecs import hookimpl
-from ihld.jobs import StageSpec
-from ihld.builtin import chat_request
+from ihld.plugins.hookspecs import hookimpl
+from ihld.core.jobs import StageSpec
+from ihld.plugins.builtin import chat_request
 
 
 class Nan:

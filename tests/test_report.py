@@ -4,7 +4,7 @@
 ``tests/data/record_run.sh``): 12 debate jobs on 4 slots with one model
 resident at a time, one line that is not JSON, one job without a topic, and
 the simulator killed and restarted midway. The expected figures below are
-computed from the raw events here, independently of ``ihld.report_model``.
+computed from the raw events here, independently of ``ihld.observe.report_model``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from ihld.report import load_run, parse_when, render_html, write_report
-from ihld.report_model import build_run
+from ihld.observe.report import load_run, parse_when, render_html, write_report
+from ihld.observe.report_model import build_run
 from tests.conftest import IHLD, REPO
 
 DATA = Path(__file__).parent / "data" / "run.jsonl"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ihld.policies import Affinity, Fifo
-from ihld.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
+from ihld.core.policies import Affinity, Fifo
+from ihld.core.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
 from tests.scheduler_harness import SimJob, SimStage, debate_jobs, run
 
 

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ihld.backends.base import ChatRequest, ChatResult
-from ihld.executor import finalize_request, stage_record
-from ihld.jobs import StageSpec
-from ihld.parallelism import ParallelWatch
-from ihld.policies import Affinity
-from ihld.scheduler import BackendSlots, Dispatch, FixedCosts, Load, Scheduler, Task, Unload
+from ihld.core.executor import finalize_request, stage_record
+from ihld.core.jobs import StageSpec
+from ihld.core.parallelism import ParallelWatch
+from ihld.core.policies import Affinity
+from ihld.core.scheduler import BackendSlots, Dispatch, FixedCosts, Load, Scheduler, Task, Unload
 from tests.conftest import REPO, DaemonRig, SimProcess, debate_lines, drop
 from tests.fault_peer import start_fault_peer
 from tests.test_fault_matrix import _config, _ends, _run_once

@@ -32,7 +32,7 @@ from ihld.backends.base import (
 )
 from ihld.backends.http import ReadTimeout
 from ihld.backends.openai import OpenAIBackend
-from ihld.config import BackendConfig
+from ihld.backends.settings import BackendConfig
 from ihld.sim import Faults, SimHandle
 
 QWEN = "qwen2.5:7b"

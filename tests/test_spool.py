@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ihld import failpoints
-from ihld.errors import JobError, SpoolError
-from ihld.spool import Spool
+from ihld.common import failpoints
+from ihld.common.errors import JobError, SpoolError
+from ihld.core.spool import Spool
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_read_claimed_refuses_symlink_fifo_hardlink_and_big(spool: Spool, tmp_pa
 def test_second_daemon_on_the_same_spool_is_refused(spool: Spool) -> None:
     spool.lock()
     code = (
-        "import sys; from pathlib import Path; from ihld.spool import Spool\n"
+        "import sys; from pathlib import Path; from ihld.core.spool import Spool\n"
         f"s = Spool(Path({str(spool.root)!r}))\n"
         "try:\n    s.lock()\nexcept Exception as e:\n    print(e); sys.exit(3)\n"
     )
@@ -114,7 +114,7 @@ def test_unwritable_spool_is_reported_clearly(unwritable_dir: Path) -> None:
 
 
 def test_inflight_log_finds_jobs_running_at_a_crash(spool: Spool) -> None:
-    from ihld.spool import InflightLog
+    from ihld.core.spool import InflightLog
 
     log = InflightLog(spool.inflight_log)
     log.started("a", "s1")

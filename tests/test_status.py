@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from ihld.backends.base import BackendUnavailable
-from ihld.cli import render_status
-from ihld.status import PsCache, summary_line
+from ihld.cli.main import render_status
+from ihld.observe.status import PsCache, summary_line
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ihld.jobs import default_id_for
-from ihld.submit import JobWaiter, expected_ids
+from ihld.client.submit import JobWaiter, expected_ids
+from ihld.core.jobs import default_id_for
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines
 
 

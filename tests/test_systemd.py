@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ihld.config import ControlConfig
-from ihld.systemd import Notifier, watchdog_loop
+from ihld.core.config import ControlConfig
+from ihld.observe.systemd import Notifier, watchdog_loop
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "ihld.service"

@@ -38,8 +38,8 @@ from ihld.backends.base import (
     ModelNotFound,
     ServerError,
 )
-from ihld.backoff import Backoff, backoff_delay
-from ihld.config import BackendConfig
+from ihld.backends.settings import BackendConfig
+from ihld.common.backoff import Backoff, backoff_delay
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",

@@ -50,7 +50,7 @@ from ihld.backends.base import (
 )
 from ihld.backends.http import ProtocolError, read_capped
 from ihld.backends.openai import CHAT_PATH, OpenAIBackend
-from ihld.backoff import Backoff
+from ihld.common.backoff import Backoff
 
 __all__ = ["LlamaCppBackend"]
 

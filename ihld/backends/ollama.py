@@ -55,7 +55,7 @@ from ihld.backends.http import (
     make_session,
 )
 from ihld.backends.keepalive import format_keep_alive, parse_keep_alive
-from ihld.config import BackendConfig
+from ihld.backends.settings import BackendConfig
 
 # TASK_HEADER … make_session live in http.py (both clients use them) and stay
 # importable from here, where they were first defined.

@@ -56,8 +56,8 @@ from ihld.backends.http import (
     error_for_status,
     read_capped,
 )
-from ihld.config import BackendConfig
-from ihld.errors import ConfigError
+from ihld.backends.settings import BackendConfig
+from ihld.common.errors import ConfigError
 
 __all__ = [
     "OPTION_MAP",

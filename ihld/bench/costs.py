@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ihld.actors import StageContext
 from ihld.backends.base import ChatResult
-from ihld.config import Config
-from ihld.executor import finalize_request
-from ihld.jobs import Job, parse_document
-from ihld.plugins import PluginHost, finished_before
+from ihld.core.actors import StageContext
+from ihld.core.config import Config
+from ihld.core.executor import finalize_request
+from ihld.core.jobs import Job, parse_document
+from ihld.plugins.host import PluginHost, finished_before
 from ihld.sim.api import parse_call
 from ihld.sim.output import plan_output, prompt_tokens, request_key
 from ihld.sim.profiles import Profile
@@ -129,7 +129,7 @@ def job_costs(
     jobs: Iterable[tuple[float, Mapping[str, Any]]], config: Config, profile: Profile
 ) -> list[JobCost]:
     """Cost ``(arrival_s, job document)`` pairs as the daemon with ``config`` would run them."""
-    from ihld.daemon import plugins_for
+    from ihld.service.daemon import plugins_for
 
     host = plugins_for(config)
     out = []

@@ -7,7 +7,7 @@ scheduling, checkpointing, publishing, logging. Two figures:
 * **stages/s end to end**: a batch of debate jobs (3 stages each) dropped
   as one ``.jsonl``: stages / (last ``job_finished`` - first ``job_claimed``).
 * **drop-to-claim latency**: single ``.json`` jobs dropped one at a time,
-  spaced out, with ``ihld.submit.submit_file``; each file's drop time
+  spaced out, with ``ihld.client.submit.submit_file``; each file's drop time
   (right after ``submit_file`` returned, i.e. once the file is linked
   into the inbox and the directory fsynced) against its ``job_claimed``
   timestamp. The first half are dropped bare (the inotify watcher must
@@ -38,8 +38,8 @@ from ihld.bench.runner import (
     wait_ready,
 )
 from ihld.bench.workloads import Workload
-from ihld.spool import Spool
-from ihld.submit import submit_file
+from ihld.client.submit import submit_file
+from ihld.core.spool import Spool
 
 DROP_SPACING_S = 0.05
 

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from ihld.errors import IhldError
+from ihld.common.errors import IhldError
 
 IHLD = [sys.executable, "-m", "ihld"]
 LISTENING = re.compile(r"listening on (http://\S+)")

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from ihld.logs import read_events
+from ihld.observe.logs import read_events
 
 RUNS = ("fifo", "affinity", "hand-batched")
 

@@ -31,11 +31,11 @@ from ihld.bench.costs import JobCost, job_costs
 from ihld.bench.metrics import Measured, cost_check, measure, sim_slowdown
 from ihld.bench.procs import BenchError, DaemonProcess, SimProcess, wait_for
 from ihld.bench.workloads import Workload
-from ihld.config import Config, parse_config
-from ihld.logs import read_events
+from ihld.client.submit import control_request, submit_file
+from ihld.core.config import Config, parse_config
+from ihld.core.spool import Spool
+from ihld.observe.logs import read_events
 from ihld.sim.profiles import Profile, get_profile
-from ihld.spool import Spool
-from ihld.submit import control_request, submit_file
 
 POLICIES = ("fifo", "affinity")
 Progress = Callable[[str], None]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ihld.demo import TOPICS
+from ihld.bench.demo import TOPICS
 
 SEED_JOBS = 1_764  # the user's batch in DESIGN.md
 Kind = Literal["batch", "timed", "overhead"]

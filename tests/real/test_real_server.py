@@ -149,7 +149,7 @@ def test_streaming_chat_through_ihld_records_the_servers_figures(
 def test_json_schema_format_is_decoded_under_the_grammar(
     router: Router, real_rig: RigFactory
 ) -> None:
-    from ihld.schema import validate_schema
+    from ihld.core.schema import validate_schema
 
     schema = {
         "type": "object",
@@ -185,7 +185,7 @@ def test_explicit_load_and_unload_seen_in_get_models(router: Router) -> None:
     import aiohttp
 
     from ihld.backends import llamacpp
-    from ihld.config import BackendConfig
+    from ihld.backends.settings import BackendConfig
 
     config = BackendConfig(name=BACKEND, kind="llamacpp", url=router.url, slots=4,
                            max_loaded=1)

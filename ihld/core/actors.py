@@ -1,0 +1,74 @@
+"""The actor contract: what a plugin implements to run one stage.
+
+An actor turns a job's input and its earlier stages' outputs into one chat
+request, and turns the reply into the stage's output. It never calls a
+backend, never sleeps and never knows about other jobs: the daemon owns
+scheduling and every call to the server. That is what keeps a new actor one
+short file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from ihld.backends.base import ChatRequest, ChatResult
+from ihld.core.jobs import StageSpec
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Everything an actor may read to build and parse one stage."""
+
+    job_id: str
+    input: Any  # the job's free ``input`` data
+    stage: StageSpec  # resolved: ``model`` is set, ``needs`` is explicit
+    outputs: Mapping[str, Any]  # parsed outputs of the stages finished so far, by name
+    attempt: int = 1
+
+
+@runtime_checkable
+class ActorLike(Protocol):
+    """What the daemon calls on an actor; subclass ``Actor`` rather than matching this."""
+
+    name: str
+    default_model: str | None
+
+    def build_request(self, ctx: StageContext) -> ChatRequest: ...
+
+    def parse_response(self, ctx: StageContext, result: ChatResult) -> Any: ...
+
+
+class Actor:
+    """A stage implementation: subclass it, set ``name``, write ``build_request``.
+
+    ``name`` is what pipeline stages refer to in ``actor = "..."``.
+    ``default_model`` is used when neither the stage, the config nor the job
+    names a model. Register instances through ``register_actors``.
+
+    The stage's settings win over the actor's: ``chat_request`` takes the
+    model, ``options``, ``format`` and ``think`` from the stage (job file,
+    config overrides) where it sets them, and the actor's own values only
+    where it does not (docs/plugins.md, "Precedence").
+    """
+
+    name: str = ""
+    default_model: str | None = None
+
+    def build_request(self, ctx: StageContext) -> ChatRequest:
+        """Build the chat request for this stage, usually with ``chat_request(ctx, messages)``."""
+        raise NotImplementedError(f"actor {self.name!r} must define build_request")
+
+    def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
+        """Turn the reply into this stage's output (JSON-serialisable).
+
+        By default: the reply text, or the parsed JSON when the stage asked for a
+        ``format``. Raise ``StageError`` to fail the attempt (a reply off the
+        requested format); it is retried up to the attempt limit.
+        """
+        if ctx.stage.format is None:
+            return result.content
+        from ihld.plugins.builtin import parse_json_reply
+
+        return parse_json_reply(result.content, ctx.stage.format)

@@ -1,0 +1,182 @@
+"""Group commit: many durable spool writes for the price of two flushes.
+
+A durable atomic write is: data on disk, then the rename on disk. Done one
+file at a time, each costs two journal commits (fsync of the file, fsync of
+the directory), which caps a daemon at about 1,300 writes/s on the disks
+measured here, below one checkpoint per stage at 1,000 stages/s.
+
+So writes queue up while the previous batch is being flushed, and a batch
+is committed together: write every temp file, ``syncfs`` once (all their
+data is on disk), rename or link each into place, fsync each directory
+once. Crash safety is the same as one at a time: a name only ever points at
+complete data. Order is kept: two checkpoints of one job in a batch are
+renamed in the order they were asked for, so the newest wins.
+
+If a batch fails (a full disk), it is retried with backoff until it goes
+through; callers simply wait, and nothing half-written becomes visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from ihld.common import failpoints
+from ihld.common.backoff import Backoff
+from ihld.core.spool import Spool, encode_record, link_free, sync_data, write_unsynced
+
+log = structlog.get_logger("ihld.core.commit")
+
+
+Kind = Literal["checkpoint", "result", "failure"]
+
+
+@dataclass
+class _Write:
+    kind: Kind
+    name: str
+    data: bytes
+    done: asyncio.Future[Path | None] = field(repr=False)
+    tmp: Path | None = None
+
+
+class GroupCommitter:
+    """Commits checkpoints, results and failure records in batches, in order."""
+
+    def __init__(self, spool: Spool, *, max_batch: int = 256) -> None:
+        self.spool = spool
+        self.max_batch = max_batch
+        self._pending: list[_Write] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.writes = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        """Start the committer task (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        if self._task is None:
+            return
+        while self._pending:
+            self._wake.set()
+            await asyncio.sleep(0.001)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    # -- API --------------------------------------------------------------------------
+
+    async def checkpoint(self, job_id: str, record: dict[str, Any]) -> None:
+        await self._submit("checkpoint", job_id, record)
+
+    async def result(self, job_id: str, record: dict[str, Any]) -> Path | None:
+        """Publish ``outbox/<id>.json``; None if it already existed (published before a crash)."""
+        return await self._submit("result", job_id, record)
+
+    async def failure(self, job_id: str, record: dict[str, Any]) -> Path | None:
+        """Publish ``failed/<id>.json`` (``<id>~N.json`` if taken)."""
+        return await self._submit("failure", job_id, record)
+
+    async def _submit(self, kind: Kind, name: str, record: dict[str, Any]) -> Path | None:
+        if self._task is None:
+            raise RuntimeError("GroupCommitter.start() was not called")
+        future: asyncio.Future[Path | None] = asyncio.get_running_loop().create_future()
+        data = encode_record(record, compact=kind == "checkpoint")
+        self._pending.append(_Write(kind, name, data, future))
+        self._wake.set()
+        return await asyncio.shield(future)
+
+    # -- the committer --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                try:
+                    results = await asyncio.to_thread(self._commit, batch)
+                except OSError as exc:
+                    self.failures += 1
+                    delay = backoff.next()
+                    log.error(
+                        "commit_failed",
+                        error=str(exc),
+                        errno=exc.errno,
+                        writes=len(batch),
+                        retry_in_s=round(delay, 3),
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                del self._pending[: len(batch)]
+                self.batches += 1
+                self.writes += len(batch)
+                for write, path in zip(batch, results, strict=True):
+                    if not write.done.done():
+                        write.done.set_result(path)
+
+    def _directory(self, kind: Kind) -> Path:
+        return {
+            "checkpoint": self.spool.jobs,
+            "result": self.spool.outbox,
+            "failure": self.spool.failed,
+        }[kind]
+
+    def _commit(self, batch: list[_Write]) -> list[Path | None]:
+        """Blocking: temp files, one data flush, names into place, one flush per directory."""
+        try:
+            for write in batch:
+                write.tmp = write_unsynced(self._directory(write.kind), write.name, write.data)
+            sync_data(self.spool.root, [w.tmp for w in batch if w.tmp is not None])
+            kinds = sorted({w.kind for w in batch})
+            for kind in kinds:
+                failpoints.hit(f"{kind}.before_publish")
+            results = [self._place(write) for write in batch]
+        finally:
+            for write in batch:
+                if write.tmp is not None:
+                    write.tmp.unlink(missing_ok=True)
+                    write.tmp = None
+        for kind in kinds:
+            failpoints.hit(f"{kind}.after_publish")
+        for directory in {self._directory(w.kind) for w in batch}:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return results
+
+    def _place(self, write: _Write) -> Path | None:
+        assert write.tmp is not None
+        directory = self._directory(write.kind)
+        if write.kind == "checkpoint":
+            target = directory / f"{write.name}.json"
+            os.rename(write.tmp, target)
+            write.tmp = None
+            return target
+        if write.kind == "result":  # never overwrite a result: it was published before
+            target = directory / f"{write.name}.json"
+            try:
+                os.link(write.tmp, target)
+            except FileExistsError:
+                return None
+            return target
+        found = link_free(write.tmp, directory, write.name)
+        if found is not None:
+            return found
+        raise OSError(f"no free name for failure record {write.name}")

@@ -1,0 +1,320 @@
+"""Intake: a claimed job file becomes accepted jobs (checkpointed) and error records.
+
+Blocking file work, run in a worker thread by the daemon. Every entry of a
+file ends as exactly one of: a checkpoint in ``work/jobs`` (accepted) or a
+record in ``failed/`` (rejected, with the field path or line that is wrong).
+Re-running intake on the same claimed file after a crash is safe: entries
+whose checkpoint or record already came from this claim are skipped, not
+reported as duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ihld.common import failpoints, jsonsafe
+from ihld.common.errors import JobError
+from ihld.core.jobs import Entry, Job, JobSpec, read_entries
+from ihld.core.progress import JobProgress
+from ihld.core.spool import InboxFile, Spool
+
+Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
+
+
+@dataclass
+class IntakeResult:
+    accepted: list[JobProgress] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # the error records
+    batch_manifest: dict[str, Any] | None = None  # an OpenAI batch file's lines
+    keep_input: bool = False  # an entry was rejected: keep the file under failed/inputs
+
+
+def rejection(
+    job_id: str, kind: str, message: str, source: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "status": "rejected",
+        "error": {"stage": None, "kind": kind, "message": message, **extra},
+        "source": source,
+        "failed_at": round(time.time(), 6),
+    }
+
+
+class Intake:
+    """Claims inbox files and splits them into jobs. Owns the set of known ids."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        resolver: Resolver,
+        *,
+        max_bytes: int,
+        deadline_s: float | None = None,
+        next_seq: Callable[[], int],
+    ) -> None:
+        self.spool = spool
+        self.resolver = resolver
+        self.max_bytes = max_bytes
+        self.deadline_s = deadline_s
+        self.next_seq = next_seq
+        self.known_ids = spool.known_ids()
+
+    def reject_entry(self, entry: InboxFile) -> dict[str, Any] | None:
+        """A symlink, directory, FIFO or socket in the inbox: moved aside unopened."""
+        reasons = {
+            "symlink": "a symlink is not a job file; ihld never follows links",
+            "dir": "a directory is not a job file",
+            "fifo": "a FIFO is not a job file",
+            "socket": "a socket is not a job file",
+        }
+        if not os.path.lexists(self.spool.inbox / entry.name):
+            return None  # gone since the scan
+        job_id = _stem_id(entry.name)
+        shown = display_name(entry.name)
+        kind = entry.kind if entry.kind != "file" else "not_regular"
+        # Record first, then move: a crash in between leaves the entry in the inbox and
+        # its record, which the replay finds (and moves the entry to the name it gives).
+        target = self._unmoved_rejection(job_id, shown, kind)
+        record: dict[str, Any] | None = None
+        if target is None:
+            target = self.spool.reject_target(entry.name)
+            record = rejection(
+                job_id,
+                kind,
+                reasons.get(entry.kind, "not a regular file"),
+                {"file": shown, "kept_as": str(target.relative_to(self.spool.root))},
+            )
+            self.spool.publish_failure(job_id, record, first=2 if job_id in self.known_ids else 1)
+            self.known_ids.add(job_id)  # the name is taken: a later job with this id is a duplicate
+        failpoints.hit("reject.before_move")
+        self.spool.reject_inbox_entry(entry.name, target)
+        return record
+
+    def _unmoved_rejection(self, job_id: str, shown: str, kind: str) -> Path | None:
+        """After a crash: the ``kept_as`` of this entry's rejection record, if not moved yet."""
+        for path in self._failure_records(job_id):
+            try:
+                record = jsonsafe.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            src = record.get("source") or {}
+            kept = src.get("kept_as")
+            if (
+                record.get("status") == "rejected"
+                and (record.get("error") or {}).get("kind") == kind
+                and src.get("file") == shown
+                and "claim" not in src
+                and isinstance(kept, str)
+                and not (self.spool.root / kept).exists()
+                and not (self.spool.root / kept).is_symlink()
+            ):
+                return self.spool.root / kept
+        return None
+
+    def _failure_records(self, job_id: str) -> list[Path]:
+        """``failed/<id>.json`` and its ``<id>~N.json`` siblings (duplicates), in order."""
+        paths = []
+        for n in range(1, 10_000):
+            path = self.spool.failed / (f"{job_id}.json" if n == 1 else f"{job_id}~{n}.json")
+            if not path.exists():
+                if n > 1:
+                    break
+                continue
+            paths.append(path)
+        return paths
+
+    def claim_and_read(self, entry: InboxFile) -> IntakeResult | None:
+        """Claim one inbox file and process it; None if it vanished first."""
+        path = self.spool.claim(entry.name, _stem_id(entry.name))
+        if path is None:
+            return None
+        return self.process(path, original=entry.name)
+
+    def process(self, path: Path, *, original: str | None = None) -> IntakeResult:
+        """Split a claimed file into accepted jobs and rejections, then drop the claim."""
+        result = IntakeResult()
+        default_id = Spool.claimed_default_id(path)
+        source: dict[str, Any] = {
+            "file": display_name(original) if original is not None else default_id,
+            "claim": path.name,
+        }
+        try:
+            data = self.spool.read_claimed(path, self.max_bytes)
+        except JobError as exc:
+            self._reject_file(path, default_id, exc.kind, str(exc), source, result)
+            return result
+        try:
+            entries = list(read_entries(default_id, os.path.splitext(path.name)[1], data))
+            if len(entries) == 1 and entries[0].error is not None and entries[0].line is None:
+                err = entries[0].error
+                self._reject_file(path, default_id, err.kind, str(err), source, result)
+                return result
+            in_file: set[str] = set()
+            for entry in entries:
+                self._one(entry, path, source, in_file, result)
+            if any(entry.openai for entry in entries):
+                result.batch_manifest = self._batch_manifest(path, default_id, entries)
+            created = self.spool.create_checkpoints(
+                [(p.job.id, p.checkpoint()) for p in result.accepted]
+            )
+        except OSError:
+            raise  # a full or failing disk: the claim stays, intake pauses and replays it
+        except Exception as exc:
+            # An input nobody foresaw (or a bug) must neither wedge the claim (it would be
+            # replayed, and fail, at every start) nor lose the file: reject it whole.
+            result.accepted = []
+            self._reject_file(
+                path,
+                default_id,
+                "intake_error",
+                f"ihld could not process this file: {type(exc).__name__}: {exc}"[:2000],
+                source,
+                result,
+            )
+            return result
+        # a checkpoint that already existed was written before a crash: recovery loads it
+        result.accepted = [p for p, new in zip(result.accepted, created, strict=True) if new]
+        self.known_ids.update(p.job.id for p in result.accepted)
+        failpoints.hit("intake.after_job_saved")
+        failpoints.hit("intake.before_release")
+        if result.keep_input:  # some line was rejected: its bytes stay, whatever their size
+            self.spool.reject_claimed(path)
+        else:
+            self.spool.done_with_claimed(path)
+        return result
+
+    def _batch_manifest(self, path: Path, batch: str, entries: list[Entry]) -> dict[str, Any]:
+        """Record which job each line of an OpenAI batch became (before the checkpoints)."""
+        from ihld.plugins import openai_batch
+
+        lines = [openai_batch.manifest_line(e.job_id, e.custom_id, e.line) for e in entries]
+        manifest = {"batch": batch, "claim": path.name, "lines": lines, "created_at": time.time()}
+        directory = self.spool.work / "batches"
+        directory.mkdir(exist_ok=True)
+        self.spool.save_json(directory, path.stem, manifest)
+        return manifest
+
+    def _reject_file(
+        self,
+        path: Path,
+        job_id: str,
+        kind: str,
+        message: str,
+        source: dict[str, Any],
+        result: IntakeResult,
+    ) -> None:
+        """Record the error first, then keep the bytes: a crash between the two replays safely."""
+        kept = self.spool.failed_inputs / path.name
+        if not self._already_recorded(job_id, path.name, None):
+            source = {**source, "kept_as": str(kept.relative_to(self.spool.root))}
+            record = rejection(job_id, kind, message, source)
+            taken = job_id in self.known_ids  # the bare name is that job's, not this file's
+            self.spool.publish_failure(job_id, record, first=2 if taken else 1)
+            self.known_ids.add(job_id)
+            result.rejected.append(record)
+        self.spool.reject_claimed(path)
+
+    def _one(
+        self,
+        entry: Entry,
+        path: Path,
+        source: dict[str, Any],
+        in_file: set[str],
+        result: IntakeResult,
+    ) -> None:
+        job_id = entry.job_id
+        where = {**source, "line": entry.line} if entry.line is not None else dict(source)
+        error: JobError | None = entry.error
+        if error is None and job_id in in_file:
+            error = JobError(
+                f"duplicate id {job_id!r} in this file", kind="duplicate_id", path="id"
+            )
+        if error is None and job_id in self.known_ids:
+            found = self._already_recorded(job_id, path.name, entry.line)
+            if found:
+                in_file.add(job_id)
+                result.keep_input |= found == "failed"
+                return
+            error = JobError(
+                f"duplicate id {job_id!r}: a job with this id was already submitted",
+                kind="duplicate_id",
+                path="id",
+            )
+        job: Job | None = None
+        if error is None:
+            assert entry.spec is not None
+            try:
+                job = self.resolver(entry.spec, job_id, where)
+            except JobError as exc:
+                error = exc
+        in_file.add(job_id)
+        if error is not None or job is None:
+            assert error is not None
+            result.keep_input = True
+            kept = self.spool.failed_inputs / path.name
+            record = rejection(
+                job_id,
+                error.kind,
+                str(error),
+                {**where, "kept_as": str(kept.relative_to(self.spool.root))},
+                field=error.path or None,
+                raw=entry.raw or None,
+            )
+            if self._already_recorded(job_id, path.name, entry.line):
+                return
+            # A duplicate's record never takes the bare name: that belongs to the job
+            # already submitted (recovery reads failed/<id>.json as that job's end).
+            taken = error.kind == "duplicate_id" or job_id in self.known_ids
+            self.spool.publish_failure(job_id, record, first=2 if taken else 1)
+            self.known_ids.add(job_id)
+            result.rejected.append(record)
+            return
+        progress = JobProgress(job, self.next_seq())
+        deadline = job.deadline_s or self.deadline_s
+        if deadline is not None:
+            progress.deadline_at = progress.claimed_at + deadline
+        progress.event("job_claimed", file=source["file"], line=entry.line)
+        # known_ids is updated once the checkpoint exists (a full disk must not turn the
+        # replay of this file into "duplicate id" rejections)
+        result.accepted.append(progress)  # checkpointed in one batch at the end of the file
+
+    def _already_recorded(self, job_id: str, claim: str, line: int | None) -> str | None:
+        """Where a record for ``job_id`` from this very claim and line is (crash replay).
+
+        ``"jobs"``, ``"failed"`` or ``"outbox"``; None if there is none.
+        """
+        paths = [
+            ("jobs", self.spool.jobs / f"{job_id}.json"),
+            *(("failed", p) for p in self._failure_records(job_id)),
+            ("outbox", self.spool.outbox / f"{job_id}.json"),
+        ]
+        for where, path in paths:
+            try:
+                record = jsonsafe.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            src = record.get("source") or (record.get("job") or {}).get("source") or {}
+            if src.get("claim") == claim and src.get("line") == line:
+                return where
+        return None
+
+
+def display_name(name: str) -> str:
+    """A file name as records and logs show it: valid UTF-8 whatever its bytes.
+
+    ``os.listdir`` hands out undecodable bytes as lone surrogates, which no
+    UTF-8 writer accepts; they are shown as ``\\xff`` escapes instead.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _stem_id(name: str) -> str:
+    from ihld.core.jobs import default_id_for
+
+    return default_id_for(os.path.splitext(name)[0])

@@ -1,0 +1,116 @@
+"""One job's progress: which stages are done, which are ready, what to write.
+
+The checkpoint record written after every finished stage is exactly
+``JobProgress.checkpoint()``; ``JobProgress.restore`` reads it back, so a
+restarted daemon resumes each job at its first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ihld.core.jobs import Job, StageSpec
+
+
+def _now() -> float:
+    return round(time.time(), 6)
+
+
+@dataclass
+class JobProgress:
+    job: Job
+    seq: int  # arrival order
+    outputs: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+    recoveries: int = 0
+    claimed_at: float = field(default_factory=_now)
+    deadline_at: float | None = None  # wall-clock deadline (time.time())
+    arrived: float = field(default_factory=time.monotonic)  # for wait bounds; not persisted
+
+    # -- state ------------------------------------------------------------------
+
+    def ready_stages(self) -> list[StageSpec]:
+        """Stages not done or running whose ``needs`` are all done."""
+        return [
+            stage
+            for stage in self.job.stages
+            if stage.name not in self.outputs
+            and stage.name not in self.running
+            and all(need in self.outputs for need in stage.needs or ())
+        ]
+
+    def is_complete(self) -> bool:
+        return len(self.outputs) == len(self.job.stages)
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.events.append({"t": _now(), "event": name, **fields})
+
+    def finish_stage(self, stage: str, output: Any, record: dict[str, Any]) -> None:
+        self.running.discard(stage)
+        self.outputs[stage] = output
+        self.records[stage] = record
+
+    # -- records ------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "job": self.job.to_record(),
+            "seq": self.seq,
+            "claimed_at": self.claimed_at,
+            "deadline_at": self.deadline_at,
+            "recoveries": self.recoveries,
+            "outputs": self.outputs,
+            "stages": self.records,
+            "events": self.events,
+        }
+
+    @classmethod
+    def restore(cls, record: dict[str, Any]) -> JobProgress:
+        return cls(
+            job=Job.from_record(record["job"]),
+            seq=int(record.get("seq", 0)),
+            outputs=dict(record.get("outputs", {})),
+            records=dict(record.get("stages", {})),
+            events=list(record.get("events", [])),
+            recoveries=int(record.get("recoveries", 0)),
+            claimed_at=float(record.get("claimed_at", _now())),
+            deadline_at=record.get("deadline_at"),
+        )
+
+    def result(self) -> dict[str, Any]:
+        """The outbox record: the job, each stage's output and figures, the timeline."""
+        stages = []
+        for stage in self.job.stages:
+            record = dict(self.records.get(stage.name, {}))
+            stages.append({"name": stage.name, "output": self.outputs.get(stage.name), **record})
+        return {
+            "id": self.job.id,
+            "status": "done",
+            "job": self.job.to_record(),
+            "stages": stages,
+            "claimed_at": self.claimed_at,
+            "finished_at": _now(),
+            "events": self.events,
+        }
+
+    def failure(self, stage: str | None, kind: str, message: str, **extra: Any) -> dict[str, Any]:
+        """The failed/ record: which stage, what kind of error, what it said."""
+        return {
+            "id": self.job.id,
+            "status": "failed",
+            "error": {"stage": stage, "kind": kind, "message": message, **extra},
+            "job": self.job.to_record(),
+            "stages": {
+                name: {"output": self.outputs[name], **self.records.get(name, {})}
+                for name in self.outputs
+            },
+            "claimed_at": self.claimed_at,
+            "failed_at": _now(),
+            "events": self.events,
+        }

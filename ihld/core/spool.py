@@ -1,0 +1,631 @@
+"""The spool: directories, claims, checkpoints and results on disk.
+
+Layout under ``[spool] dir``::
+
+    inbox/            users drop job files here (group-writable)
+    work/claimed/     claimed job files, renamed out of the inbox: the claim *is* the lock
+    work/jobs/        one checkpoint per accepted job: the job and its finished stages
+    work/inflight.log stages started and finished by the running daemon (poison detection)
+    outbox/           one result per finished job
+    failed/           one error record per failed job or rejected file
+    failed/inputs/    the bytes of rejected files, kept so no job is ever lost
+    log/ihld.jsonl    the structured event log
+    run/              lock file, control socket, clean-shutdown marker
+
+Every write that a reader may see is atomic: a dotted temp file in the same
+directory, fsync, then rename (checkpoints) or link (results, which must
+never overwrite), then fsync of the directory. Readers only look at final
+names. Nothing here follows a symlink or opens a file outside the spool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import itertools
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ihld.common import failpoints, jsonsafe
+from ihld.common.errors import JobError, SpoolError
+
+JOB_SUFFIXES = (".json", ".jsonl")
+_seq = itertools.count()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, stem: str, data: bytes) -> Path:
+    """Write ``data`` to a new dotted temp file in ``directory`` and fsync it."""
+    tmp = write_unsynced(directory, stem, data)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def sync_data(root: Path, files: list[Path]) -> None:
+    """Make the data of ``files`` durable: one ``syncfs`` of the spool's filesystem
+    (one journal commit for any number of files), or an fsync each without it."""
+    if _syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_unsynced(directory: Path, stem: str, data: bytes) -> Path:
+    """A dotted temp file with ``data``, not yet flushed (see ``sync_data``)."""
+    tmp = directory / f".{stem}.{os.getpid()}.{next(_seq)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def encode_record(record: dict[str, Any], *, compact: bool = False) -> bytes:
+    """Results are indented for people; checkpoints, rewritten after every stage, are
+    compact (the indenting encoder is three times slower)."""
+    return (jsonsafe.dumps(record, compact=compact) + "\n").encode("utf-8")
+
+
+def link_free(
+    tmp: Path, directory: Path, name: str, suffix: str = ".json", *, first: int = 1
+) -> Path | None:
+    """Hard-link ``tmp`` to ``name{suffix}``, else ``name~2{suffix}``, ``~3`` … (never clobbers).
+
+    ``first=2`` skips the bare name. None only if 10,000 names are taken.
+    """
+    for n in range(first, 10_000):
+        target = directory / (f"{name}{suffix}" if n == 1 else f"{name}~{n}{suffix}")
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            continue
+        return target
+    return None
+
+
+@dataclass(frozen=True)
+class InboxFile:
+    """A name seen in the inbox and what ``lstat`` said of it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    kind: str  # "file", "symlink", "dir", "fifo", "socket", "other"
+
+    @property
+    def suffix(self) -> str:
+        return os.path.splitext(self.name)[1]
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(self.name)[0]
+
+
+def is_candidate(name: str) -> bool:
+    """Names ihld may claim: not dotfiles, not ``*.tmp``, ending in .json or .jsonl."""
+    return not name.startswith(".") and not name.endswith(".tmp") and name.endswith(JOB_SUFFIXES)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "other"
+
+
+class Spool:
+    """All file operations on one spool directory."""
+
+    def __init__(self, root: Path, node: str | None = None) -> None:
+        self.root = root
+        self.node = node
+        self.inbox = root / "inbox"
+        # With a node name (several daemons sharing one spool, e.g. over NFS), each
+        # daemon keeps its claims, checkpoints and run files apart; the inbox,
+        # outbox and failed/ are shared, and claiming by rename decides who runs what.
+        self.work = root / "work" / node if node else root / "work"
+        self.claimed = self.work / "claimed"
+        self.jobs = self.work / "jobs"
+        self.outbox = root / "outbox"
+        self.failed = root / "failed"
+        self.failed_inputs = self.failed / "inputs"
+        self.log_dir = root / "log"
+        self.run_dir = root / "run" / node if node else root / "run"
+        self.log_file = self.log_dir / (f"ihld-{node}.jsonl" if node else "ihld.jsonl")
+        self.inflight_log = self.work / "inflight.log"
+        self.clean_marker = self.run_dir / "clean-shutdown"
+        self._lock_fd: int | None = None
+
+    # -- set-up -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the directories; fail with a message that says what to fix."""
+        dirs = (
+            self.root,
+            self.inbox,
+            self.work.parent,
+            self.work,
+            self.claimed,
+            self.jobs,
+            self.outbox,
+            self.failed,
+            self.failed_inputs,
+            self.log_dir,
+            self.run_dir.parent,
+            self.run_dir,
+        )
+        for directory in dirs:
+            try:
+                if not directory.exists():
+                    directory.mkdir(mode=0o750)
+                    if directory == self.inbox:
+                        _make_group_inbox(directory)
+            except OSError as exc:
+                raise SpoolError(
+                    f"cannot create spool directory {directory}: {exc.strerror}; "
+                    f"check that the daemon's user owns {self.root}"
+                ) from None
+            if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+                raise SpoolError(
+                    f"spool directory {directory} is not readable and writable by uid "
+                    f"{os.getuid()}; fix its owner or mode (see README: Spool permissions)"
+                )
+
+    def lock(self) -> None:
+        """Take the spool lock so a second daemon on the same spool refuses to start."""
+        path = self.run_dir / "ihld.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolError(
+                f"another ihld daemon (pid {holder}) is running on spool {self.root}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def was_clean_shutdown(self) -> bool:
+        """True if the previous daemon left the spool after a graceful stop."""
+        return self.clean_marker.exists()
+
+    def mark_running(self) -> None:
+        self.clean_marker.unlink(missing_ok=True)
+        _fsync_dir(self.run_dir)
+
+    def mark_clean_shutdown(self) -> None:
+        self.clean_marker.write_text(f"{time.time()}\n")
+        _fsync_dir(self.run_dir)
+
+    # -- inbox --------------------------------------------------------------
+
+    def scan_inbox(self) -> list[InboxFile]:
+        """Everything in the inbox that is not a dotfile or temp file, oldest name first."""
+        found = []
+        try:
+            entries = list(os.scandir(self.inbox))
+        except FileNotFoundError:  # deleted under us: re-create it, rescans will see new files
+            self.inbox.mkdir(mode=0o750, exist_ok=True)
+            _make_group_inbox(self.inbox)
+            return []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or name.endswith(".tmp"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append(InboxFile(name, st.st_size, st.st_mtime_ns, _kind(st.st_mode)))
+        found.sort(key=lambda f: (f.mtime_ns, f.name))
+        return found
+
+    def claim(self, name: str, default_id: str) -> Path | None:
+        """Move an inbox file into ``work/claimed``; None if it vanished meanwhile.
+
+        The claimed name sorts in claim order and carries the default id, so a
+        recovered claim still knows the id its jobs default to.
+        """
+        suffix = os.path.splitext(name)[1]
+        target = (
+            self.claimed / f"{time.time_ns():020d}.{os.getpid()}.{next(_seq)}--{default_id}{suffix}"
+        )
+        failpoints.hit("claim.before_rename")
+        try:
+            os.rename(self.inbox / name, target)
+        except FileNotFoundError:
+            return None
+        failpoints.hit("claim.after_rename")
+        _fsync_dir(self.claimed)
+        return target
+
+    def claimed_files(self) -> list[Path]:
+        return sorted(p for p in self.claimed.iterdir() if not p.name.startswith("."))
+
+    @staticmethod
+    def claimed_default_id(path: Path) -> str:
+        return path.name.split("--", 1)[1].rsplit(".", 1)[0]
+
+    def read_claimed(self, path: Path, max_bytes: int) -> bytes:
+        """Read a claimed file safely: no symlinks, no FIFOs, no hard links, bounded size."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise JobError(
+                    "a symlink is not a job file; ihld never follows links", kind="symlink"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise JobError(
+                    "file is not readable by the daemon (permission denied)", kind="unreadable"
+                ) from None
+            if exc.errno == errno.ENXIO:
+                raise JobError("not a regular file (socket)", kind="not_regular") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise JobError(f"not a regular file ({_kind(st.st_mode)})", kind="not_regular")
+            if st.st_nlink > 1:
+                raise JobError(
+                    "file has other hard links; copy it instead of linking", kind="hard_link"
+                )
+            if st.st_size > max_bytes:
+                raise JobError(
+                    f"file is {st.st_size} bytes, over the limit of {max_bytes} "
+                    "([limits] max_job_bytes)",
+                    kind="too_large",
+                )
+            chunks = []
+            remaining = max_bytes + 1
+            while remaining > 0:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) > max_bytes:
+                raise JobError(f"file grew over the limit of {max_bytes} bytes", kind="too_large")
+            return data
+        finally:
+            os.close(fd)
+
+    def reject_claimed(self, path: Path) -> Path | None:
+        """Keep a rejected file's bytes under ``failed/inputs`` (never lose a job)."""
+        target = self.failed_inputs / path.name
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        _fsync_dir(self.failed_inputs)
+        return target
+
+    def reject_target(self, name: str) -> Path:
+        """A fresh name under ``failed/inputs`` for an inbox entry that is not a job file."""
+        return self.failed_inputs / f"{time.time_ns():020d}.{next(_seq)}--{_safe(name)}"
+
+    def reject_inbox_entry(self, name: str, target: Path | None = None) -> Path | None:
+        """Move a non-file (dir, FIFO, socket, symlink) out of the inbox without opening it."""
+        target = target or self.reject_target(name)
+        try:
+            os.rename(self.inbox / name, target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EISDIR, errno.ENOTEMPTY):
+                return None
+            raise
+        _fsync_dir(self.failed_inputs)
+        return target
+
+    def done_with_claimed(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        _fsync_dir(self.claimed)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def save_checkpoint(self, job_id: str, record: dict[str, Any], *, create: bool = False) -> bool:
+        """Write a job's checkpoint atomically. ``create``: never overwrite (False if it exists)."""
+        data = encode_record(record, compact=True)
+        tmp = _write_temp(self.jobs, job_id, data)
+        target = self.jobs / f"{job_id}.json"
+        try:
+            failpoints.hit("checkpoint.before_publish")
+            if create:
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+                finally:
+                    tmp.unlink()
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        failpoints.hit("checkpoint.after_publish")
+        _fsync_dir(self.jobs)
+        return True
+
+    def create_checkpoints(self, records: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+        """Create many new checkpoints with one data flush; False where one already existed."""
+        if not records:
+            return []
+        tmps = [
+            write_unsynced(self.jobs, job_id, encode_record(r, compact=True))
+            for job_id, r in records
+        ]
+        created = []
+        try:
+            sync_data(self.root, tmps)
+            failpoints.hit("checkpoint.before_publish")
+            for (job_id, _record), tmp in zip(records, tmps, strict=True):
+                try:
+                    os.link(tmp, self.jobs / f"{job_id}.json")
+                    created.append(True)
+                except FileExistsError:
+                    created.append(False)
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+        failpoints.hit("checkpoint.after_publish")
+        _fsync_dir(self.jobs)
+        return created
+
+    def load_checkpoint(self, job_id: str) -> dict[str, Any]:
+        with open(self.jobs / f"{job_id}.json", "rb") as fh:
+            value: dict[str, Any] = jsonsafe.loads(fh.read().decode("utf-8"))
+        return value
+
+    def checkpoint_ids(self) -> list[str]:
+        return sorted(
+            p.name[:-5]
+            for p in self.jobs.iterdir()
+            if p.name.endswith(".json") and not p.name.startswith(".")
+        )
+
+    def remove_checkpoint(self, job_id: str) -> None:
+        (self.jobs / f"{job_id}.json").unlink(missing_ok=True)
+        failpoints.hit("checkpoint.after_remove")
+
+    # -- results ------------------------------------------------------------
+
+    def publish(self, directory: Path, name: str, record: dict[str, Any]) -> Path | None:
+        """Publish ``record`` as ``directory/name.json`` without ever overwriting.
+
+        Returns the path, or None when that name already exists (the record
+        was published before a crash, or the name is taken).
+        """
+        data = encode_record(record)
+        tmp = _write_temp(directory, name, data)
+        target = directory / f"{name}.json"
+        point = "failure" if directory == self.failed else "result"  # as the committer names them
+        try:
+            failpoints.hit(f"{point}.before_publish")
+            os.link(tmp, target)
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        failpoints.hit(f"{point}.after_publish")
+        _fsync_dir(directory)
+        return target
+
+    def save_json(self, directory: Path, name: str, record: dict[str, Any]) -> None:
+        """Durably write ``directory/name.json`` (replacing it): small internal records."""
+        tmp = _write_temp(directory, name, encode_record(record))
+        os.rename(tmp, directory / f"{name}.json")
+        _fsync_dir(directory)
+
+    def publish_text(self, name: str, data: bytes) -> Path | None:
+        """Publish ``outbox/name`` atomically, never overwriting; ``name~N`` if taken."""
+        stem, dot, suffix = name.partition(".")
+        tmp = _write_temp(self.outbox, stem, data)
+        try:
+            target = link_free(tmp, self.outbox, stem, dot + suffix)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if target is not None:
+            _fsync_dir(self.outbox)
+        return target
+
+    def publish_result(self, job_id: str, record: dict[str, Any]) -> Path | None:
+        return self.publish(self.outbox, job_id, record)
+
+    def publish_failure(self, name: str, record: dict[str, Any], *, first: int = 1) -> Path:
+        """Publish an error record; a taken name gets ``~2``, ``~3`` … (never clobbered).
+
+        ``first=2``: the bare name belongs to another job (a duplicate id), start at ``~2``.
+        """
+        tmp = _write_temp(self.failed, name, encode_record(record))
+        try:
+            failpoints.hit("failure.before_publish")
+            target = link_free(tmp, self.failed, name, first=first)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if target is None:
+            raise SpoolError(f"cannot find a free name for failure record {name}")
+        failpoints.hit("failure.after_publish")
+        _fsync_dir(self.failed)
+        return target
+
+    def is_finished(self, job_id: str) -> bool:
+        """True if this job's own result or failure record is published.
+
+        A *rejection* record (``status: rejected``) under the same name is not
+        the job's: it was written for a bad or duplicate submission, and
+        treating it as the job's end would drop a running job's checkpoint.
+        """
+        if (self.outbox / f"{job_id}.json").exists():
+            return True
+        try:
+            data = (self.failed / f"{job_id}.json").read_bytes()
+        except FileNotFoundError:
+            return False
+        try:
+            record = jsonsafe.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return True  # not ours to judge; never run a job twice
+        return not (isinstance(record, dict) and record.get("status") == "rejected")
+
+    def known_ids(self) -> set[str]:
+        """Ids already in work/jobs, outbox/ or failed/ (for duplicate detection)."""
+        ids: set[str] = set()
+        job_dirs = [self.jobs]
+        if self.node:  # other nodes' jobs in progress count too
+            job_dirs = [d / "jobs" for d in self.work.parent.iterdir() if (d / "jobs").is_dir()]
+        for directory in (*job_dirs, self.outbox, self.failed):
+            for name in os.listdir(directory):
+                if name.endswith(".json") and not name.startswith("."):
+                    ids.add(name[:-5])
+        return ids
+
+    def counts(self) -> dict[str, int]:
+        """Files per spool directory (``ihld status`` when the daemon is down)."""
+
+        def count(directory: Path) -> int:
+            try:
+                return sum(1 for n in os.listdir(directory) if not n.startswith("."))
+            except FileNotFoundError:
+                return 0
+
+        return {
+            "inbox": count(self.inbox),
+            "claimed": count(self.claimed),
+            "in_progress": count(self.jobs),
+            "outbox": count(self.outbox),
+            "failed": max(0, count(self.failed) - (1 if self.failed_inputs.exists() else 0)),
+        }
+
+    # -- the in-flight log ----------------------------------------------------
+
+    def read_inflight(self) -> dict[str, int]:
+        """Jobs with a stage started but not finished when the last daemon died, with counts."""
+        try:
+            text = self.inflight_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return {}
+        open_stages: dict[tuple[str, str], int] = {}
+        for line in text.splitlines():
+            parts = line.split(" ")
+            if len(parts) != 3:
+                continue
+            mark, job_id, stage = parts
+            key = (job_id, stage)
+            if mark == "S":
+                open_stages[key] = open_stages.get(key, 0) + 1
+            elif mark == "F":
+                open_stages.pop(key, None)
+        crashed: dict[str, int] = {}
+        for job_id, _stage in open_stages:
+            crashed[job_id] = 1
+        return crashed
+
+    def iter_tmp_files(self) -> Iterator[Path]:
+        """Temp files a crash left behind (never visible to readers; safe to delete)."""
+        for directory in (self.jobs, self.outbox, self.failed, self.claimed):
+            for path in directory.iterdir():
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    yield path
+
+
+class InflightLog:
+    """Append-only ``S job stage`` / ``F job stage`` lines, unsynced on purpose.
+
+    It only has to survive the death of the process (the page cache does),
+    not a power cut: its use is to find the jobs that were running when the
+    daemon crashed, so a job that crashes it again and again becomes poison.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        self.write_errors = 0
+
+    def started(self, job_id: str, stage: str) -> None:
+        self._write(f"S {job_id} {stage}\n".encode())
+
+    def finished(self, job_id: str, stage: str) -> None:
+        self._write(f"F {job_id} {stage}\n".encode())
+
+    def _write(self, line: bytes) -> None:
+        """Never raise: a full disk must not stop a stage (this log is advice for poison checks)."""
+        try:
+            os.write(self._fd, line)
+        except OSError:
+            self.write_errors += 1
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _make_group_inbox(path: Path) -> None:
+    """Group members may drop jobs: 2770 (setgid keeps the group on new files).
+
+    Under systemd's ``RestrictSUIDSGID=yes`` setting the setgid bit is refused
+    (EPERM); the unit creates the inbox with ``install -m 2770`` before start,
+    so falling back to 0770 here only happens outside that unit.
+    """
+    try:
+        path.chmod(0o2770)
+    except PermissionError:
+        path.chmod(0o770)
+
+
+def _safe(name: str) -> str:
+    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100]
+    return out.lstrip(".-") or "entry"

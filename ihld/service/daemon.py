@@ -1,0 +1,483 @@
+"""The daemon: start-up, the long-lived tasks, reload and graceful stop.
+
+Start-up, in order (each step undone on failure by the exit stack):
+logs → config → spool (prepare, lock) → plugins → HTTP session and backends
+→ recover the spool (checkpoints, claims, poison) → control socket →
+``READY=1``. Then sibling tasks run until the stop event: the dispatch loop,
+intake (watcher → claim → jobs), deadlines, status/watchdog.
+
+Graceful stop (SIGTERM, SIGINT, or ``--once`` when all is done):
+
+1. ``STOPPING=1``; stop claiming new files.
+2. Stop dispatching; let in-flight stages finish within ``[control] grace_s``
+   (keep it below the unit's ``TimeoutStopSec``).
+3. Cancel what is still running: those stages were not checkpointed, so a
+   restart runs them again; everything finished is on disk.
+4. Close the in-flight log, mark a clean shutdown, close the HTTP session,
+   release the spool lock. Exit 0.
+
+Reload (SIGHUP) is transactional: the new config and plugins are fully
+loaded first; if either fails the old ones stay and the reason is logged
+and put in ``STATUS=``. Spool and backend changes need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+
+from ihld.backends.base import Backend
+from ihld.backends.llamacpp import LlamaCppBackend
+from ihld.backends.ollama import OllamaBackend, make_session
+from ihld.backends.openai import OpenAIBackend
+from ihld.common.backoff import Backoff
+from ihld.common.errors import ConfigError, PluginError
+from ihld.core.config import Config, load_config
+from ihld.core.engine import Engine
+from ihld.core.intake import Intake, IntakeResult, Resolver
+from ihld.core.jobs import Job, JobSpec
+from ihld.core.progress import JobProgress
+from ihld.core.scheduler import PolicyFactory
+from ihld.core.spool import InflightLog, Spool
+from ihld.core.watcher import InboxWatcher
+from ihld.observe import logs
+from ihld.observe.control import start_control
+from ihld.observe.metrics import Metrics
+from ihld.observe.status import PsCache, snapshot, summary_line
+from ihld.observe.systemd import Notifier, watchdog_loop
+from ihld.plugins.host import PluginHost, load_plugins
+from ihld.plugins.openai_batch import BatchTracker
+
+log = structlog.get_logger("ihld")
+
+
+def plugins_for(config: Config) -> PluginHost:
+    return load_plugins(
+        config.plugins.dirs,
+        entry_points=config.plugins.entry_points,
+        config_pipelines=config.pipelines,
+    )
+
+
+def make_resolver(host: PluginHost) -> Resolver:
+    """Intake's resolver: the plugins' pipelines and actors (templates checked up front)."""
+
+    def resolve(spec: JobSpec, job_id: str, source: dict[str, Any]) -> Job:
+        return host.resolve(spec, job_id, source=source)
+
+    return resolve
+
+
+@dataclass
+class Daemon:
+    config_path: str | None
+    once: bool = False
+    config: Config = field(init=False)
+    host: PluginHost = field(init=False)
+    spool: Spool = field(init=False)
+    engine: Engine = field(init=False)
+    intake: Intake = field(init=False)
+    batches: BatchTracker = field(init=False)
+    watcher: InboxWatcher = field(init=False)
+    notifier: Notifier = field(default_factory=Notifier.from_env)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reload: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: Metrics = field(default_factory=Metrics)  # fed by the event log (issue 5)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _intake_busy: bool = False
+    _intake_paused_until: float = 0.0
+    _cancelled: int = 0
+
+    # -- start-up -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        logs.configure_logging("info", stderr=True)
+        self.config = load_config(self.config_path)
+        self.spool = Spool(self.config.spool.dir, node=self.config.spool.node)
+        self.spool.prepare()
+        self.spool.lock()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.spool.unlock)
+            self._configure_logs(self.config)
+            stack.callback(logs.close_logging)
+            self.host = plugins_for(self.config)
+            session = make_session()
+            stack.push_async_callback(session.close)
+            backends = self._backends(session)
+            clean = self.spool.was_clean_shutdown()
+            crashed = {} if clean else self.spool.read_inflight()
+            inflight_log = InflightLog(self.spool.inflight_log)
+            stack.callback(inflight_log.close)
+            self.engine = Engine(
+                config=self.config,
+                spool=self.spool,
+                backends=backends,
+                actors=lambda: self.host.actors,
+                notify=self._notify,
+                inflight_log=inflight_log,
+                policy=self._policy(),
+            )
+            self.batches = BatchTracker(self.spool)
+            self.intake = Intake(
+                self.spool,
+                make_resolver(self.host),
+                max_bytes=self.config.limits.max_job_bytes,
+                deadline_s=self.config.limits.job_deadline_s,
+                next_seq=lambda: next(self._seq),
+            )
+            self.spool.mark_running()
+            recovered = await self._recover(crashed, clean)
+            self.watcher = InboxWatcher(
+                self.spool, settle_s=self.config.spool.settle_s, rescan_s=self.config.spool.rescan_s
+            )
+            # -- observability (issue 5): /status, /metrics, optional TCP listener --
+            self.metrics.state = self.snapshot
+            control = self.config.control
+            if control.socket or control.listen:
+                server = await start_control(
+                    self.spool.run_dir / "ihld.sock" if control.socket else None,
+                    self.snapshot,
+                    self.watcher.poke,
+                    metrics=self.metrics,
+                    ps=PsCache(
+                        self.engine.backends,
+                        lambda: self.engine.down,
+                        lambda: bool(self.engine.jobs),
+                    ),
+                    listen=control.listen,
+                )
+                stack.push_async_callback(server.cleanup)
+            self._install_signals(stack)
+            log.info(
+                "daemon_ready",
+                spool=str(self.spool.root),
+                recovered=recovered,
+                policy=self.config.scheduler.policy,
+                config=str(self.config.source),
+                backends=[b.url for b in self.config.backends],
+                slots={b.name: b.slots for b in self.config.backends},  # for `ihld report`
+            )
+            self.notifier.ready(status=f"ready, {recovered} jobs recovered")
+            await self._serve()
+            cancelled = self._cancelled
+            self.spool.mark_clean_shutdown()
+            log.info(
+                "daemon_stopped",
+                cancelled_stages=cancelled,
+                jobs_done=self.engine.counters.jobs_done,
+                jobs_failed=self.engine.counters.jobs_failed,
+            )
+        return 0
+
+    def _policy(self) -> PolicyFactory:
+        name = self.config.scheduler.policy
+        factory = self.host.policies.get(name)
+        if factory is None:
+            known = ", ".join(sorted(self.host.policies))
+            raise ConfigError(
+                f"{self.config.source}: key scheduler.policy: no policy {name!r} is registered "
+                f"(known: {known})"
+            )
+        return factory
+
+    def _configure_logs(self, config: Config) -> None:
+        logs.configure_logging(
+            config.log.level,
+            log_file=self.spool.log_file if config.log.file else None,
+            stderr=config.log.stderr,
+            listeners=[self.metrics.observe],  # metrics derive from the events (issue 5)
+        )
+
+    def _backends(self, session: aiohttp.ClientSession) -> dict[str, Backend]:
+        """One client per configured server, by kind (Ollama, or OpenAI-compatible)."""
+        clients: dict[str, Backend] = {}
+        for b in self.config.backends:
+            if b.kind == "ollama":
+                clients[b.name] = OllamaBackend(b, session)
+            elif b.kind == "llamacpp":
+                clients[b.name] = LlamaCppBackend(b, session, stream=b.stream)
+            else:
+                clients[b.name] = OpenAIBackend(b, session, stream=b.stream)
+        return clients
+
+    def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+    async def _notify(self, hook: str, **kwargs: Any) -> None:
+        if hook in ("job_finished", "job_failed"):
+            job_id = kwargs["job"].id if hook == "job_finished" else kwargs["job_id"]
+            await self._batch_job_ended(job_id)
+        await self.host.notify(hook, **kwargs)
+
+    async def _batch_job_ended(self, job_id: str) -> None:
+        name = self.batches.job_ended(job_id)
+        if name is not None:
+            await self._assemble_batch(name)
+
+    async def _assemble_batch(self, name: str) -> None:
+        """Write an OpenAI batch's output and error files once all its lines ended."""
+        try:
+            out, err = await asyncio.to_thread(self.batches.assemble, name)
+        except OSError as exc:
+            log.error("batch_output_failed", batch=name, error=str(exc))
+            return
+        log.info("batch_finished", batch=name, output=str(out), errors=str(err))
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = snapshot(self.engine, self.spool.counts())
+        snap["intake_paused"] = self._intake_paused_until > time.monotonic()
+        return snap
+
+    # -- recovery ----------------------------------------------------------------------
+
+    async def _recover(self, crashed: dict[str, int], clean: bool) -> int:
+        """Resume checkpointed jobs, finish interrupted claims, quarantine poison."""
+        self.notifier.extend_timeout(90)  # a large spool takes a while; keep systemd patient
+        for tmp in self.spool.iter_tmp_files():
+            tmp.unlink(missing_ok=True)
+        progresses: list[JobProgress] = []
+        told = time.monotonic()
+        for job_id in self.spool.checkpoint_ids():
+            if time.monotonic() - told >= 1.0:  # progress, not a hang: tell systemd so
+                told = time.monotonic()
+                self.notifier.extend_timeout(30)
+                self.notifier.watchdog()
+                self.notifier.status(f"recovering the spool: {len(progresses)} jobs so far")
+            if self.spool.is_finished(job_id):
+                self.spool.remove_checkpoint(job_id)  # published just before a crash
+                continue
+            try:
+                progress = JobProgress.restore(self.spool.load_checkpoint(job_id))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                await asyncio.to_thread(self._quarantine_checkpoint, job_id, repr(exc))
+                continue
+            if job_id in crashed:
+                progress.recoveries += 1
+                if progress.recoveries >= self.config.spool.max_recoveries:
+                    await self._poison(progress)
+                    continue
+                progress.event("job_recovered", recoveries=progress.recoveries)
+                self.spool.save_checkpoint(job_id, progress.checkpoint())
+            progresses.append(progress)
+        progresses.sort(key=lambda p: p.seq)
+        self._seq = itertools.count(max((p.seq for p in progresses), default=-1) + 1)
+        for progress in progresses:
+            self.engine.add_job(progress)
+        for name in self.batches.load_all():
+            await self._assemble_batch(name)
+        for path in self.spool.claimed_files():
+            result = await asyncio.to_thread(self.intake.process, path)
+            self._admit(result)
+        if progresses:
+            log.info(
+                "spool_recovered",
+                jobs=len(progresses),
+                clean_shutdown=clean,
+                crashed_jobs=len(crashed),
+            )
+        return len(progresses)
+
+    def _quarantine_checkpoint(self, job_id: str, error: str) -> None:
+        path = self.spool.jobs / f"{job_id}.json"
+        kept = self.spool.failed_inputs / f"checkpoint-{job_id}.json"
+        record = {
+            "id": job_id,
+            "status": "failed",
+            "error": {"stage": None, "kind": "corrupt_checkpoint", "message": error},
+            "source": {"kept_as": str(kept.relative_to(self.spool.root))},
+        }
+        self.spool.publish_failure(job_id, record)
+        path.rename(kept)
+        log.error("checkpoint_corrupt", job_id=job_id, error=error)
+
+    async def _poison(self, progress: JobProgress) -> None:
+        message = (
+            f"the daemon died {progress.recoveries} times while this job was running "
+            "([spool] max_recoveries); quarantined as poison"
+        )
+        record = progress.failure(None, "poison", message)
+        await asyncio.to_thread(self.spool.publish_failure, progress.job.id, record)
+        await asyncio.to_thread(self.spool.remove_checkpoint, progress.job.id)
+        log.error("job_poisoned", job_id=progress.job.id, recoveries=progress.recoveries)
+
+    # -- the running daemon ---------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            dispatcher = group.create_task(self.engine.run(), name="dispatch")
+            claimer = group.create_task(self._intake_loop(), name="intake")
+            others = [
+                group.create_task(self._deadline_loop(), name="deadlines"),
+                group.create_task(self._status_loop(), name="status"),
+                group.create_task(self._reload_loop(), name="reload"),
+                group.create_task(watchdog_loop(self.notifier, self.stop), name="watchdog"),
+            ]
+            if self.once:
+                others.append(group.create_task(self._once_loop(), name="once"))
+            await self.stop.wait()
+            self.notifier.stopping(status="stopping: finishing in-flight stages")
+            log.info("daemon_stopping")
+            claimer.cancel()
+            for task in others:
+                task.cancel()
+            self._cancelled = await self.engine.stop_dispatching(self.config.control.grace_s)
+            await dispatcher
+
+    async def _intake_loop(self) -> None:
+        stop_claiming = asyncio.Event()
+        try:
+            async for ready in self.watcher.batches(stop_claiming):
+                for entry in ready.rejects:
+                    record = await asyncio.to_thread(self.intake.reject_entry, entry)
+                    if record is not None:
+                        self._log_rejected(record)
+                for entry in ready.files:
+                    await self._wait_for_room()
+                    self._intake_busy = True
+                    try:
+                        result = await asyncio.to_thread(self.intake.claim_and_read, entry)
+                    except OSError as exc:
+                        await self._intake_error(exc)
+                        continue
+                    except Exception as exc:  # a bug must not stop intake; the claim stays
+                        log.error("intake_failed", file=entry.name, error=repr(exc))
+                        continue
+                    finally:
+                        self._intake_busy = False
+                    if result is not None:
+                        self._admit(result)
+        finally:
+            stop_claiming.set()
+
+    async def _intake_error(self, exc: OSError) -> None:
+        """A full or failing disk: pause claiming, keep what was claimed, retry until it works.
+
+        (issue 4: it used to retry once and return, leaving the claim stuck until a restart.)
+        """
+        backoff = Backoff(2.0, 30.0)
+        while True:
+            pause = backoff.next()
+            self._intake_paused_until = time.monotonic() + pause + 1.0
+            log.error(
+                "intake_paused", error=str(exc), errno=exc.errno, retry_in_s=round(pause, 3)
+            )
+            await asyncio.sleep(pause)
+            try:
+                for path in self.spool.claimed_files():
+                    self._admit(await asyncio.to_thread(self.intake.process, path))
+            except OSError as again:
+                exc = again
+                continue
+            self._intake_paused_until = 0.0
+            log.info("intake_resumed")
+            return
+
+    async def _wait_for_room(self) -> None:
+        limit = self.config.limits.max_jobs_in_memory
+        while len(self.engine.jobs) >= limit:  # noqa: ASYNC110 - back-pressure, rare
+            await asyncio.sleep(0.05)
+
+    def _admit(self, result: IntakeResult | None) -> None:
+        if result is None:
+            return
+        if result.batch_manifest is not None:
+            complete = self.batches.register(result.batch_manifest)
+            if complete is not None:
+                self.engine.observe_task(self._assemble_batch(complete))
+        for progress in result.accepted:
+            log.info(
+                "job_claimed",
+                job_id=progress.job.id,
+                stages=len(progress.job.stages),
+                priority=progress.job.priority,
+            )
+            self.engine.add_job(progress)
+        for record in result.rejected:
+            self._log_rejected(record)
+
+    def _log_rejected(self, record: dict[str, Any]) -> None:
+        self.engine.counters.jobs_rejected += 1
+        error = record["error"]
+        log.warning(
+            "job_rejected",
+            job_id=record["id"],
+            kind=error["kind"],
+            error=error["message"],
+            file=record.get("source", {}).get("file"),
+        )
+        self.engine.observe("job_failed", job_id=record["id"], job=None, error=error)
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.engine.expire_deadlines()
+
+    async def _status_loop(self) -> None:
+        while True:  # the summary needs no spool counts: no directory listing every 2 s
+            self.notifier.status(summary_line(snapshot(self.engine)))
+            await asyncio.sleep(2.0)
+
+    async def _once_loop(self) -> None:
+        """``--once``: stop when the inbox, the claims and the engine are all empty."""
+        while True:
+            await asyncio.sleep(0.1)
+            if self.engine.jobs or self._intake_busy or self.engine.scheduler.inflight:
+                continue
+            inbox = await asyncio.to_thread(self.spool.scan_inbox)
+            if any(e.kind == "file" and e.name.endswith((".json", ".jsonl")) for e in inbox):
+                continue
+            if self.spool.claimed_files() or self.engine.jobs:
+                continue
+            self.stop.set()
+            return
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self.reload.wait()
+            self.reload.clear()
+            self._reload()
+
+    def _reload(self) -> None:
+        """Swap config and plugins, or keep the old ones and say why. Always ends READY=1."""
+        self.notifier.reloading()
+        log.info("reload_started")
+        try:
+            config = load_config(self.config_path)
+            host = plugins_for(config)
+        except (ConfigError, PluginError) as exc:
+            log.error("reload_failed", error=str(exc))
+            self.notifier.ready(status=f"reload failed, old config kept: {exc}".splitlines()[0])
+            return
+        restart_needed = self.engine.apply_config(config)
+        self.config = self.engine.config  # what is in force: restart-only keys keep old values
+        self.host = host
+        self.intake.resolver = make_resolver(host)
+        self.intake.max_bytes = config.limits.max_job_bytes
+        self.intake.deadline_s = config.limits.job_deadline_s
+        self._configure_logs(config)
+        log.info(
+            "config_reloaded",
+            config=str(config.source),
+            plugins=[p["name"] for p in host.describe()],
+            restart_needed=restart_needed or None,
+        )
+        if restart_needed:
+            log.warning("reload_partial", kept_until_restart=restart_needed)
+        self.notifier.ready(status=summary_line(self.snapshot()))
+
+
+async def run_daemon(config_path: str | None, *, once: bool = False) -> int:
+    return await Daemon(config_path, once=once).run()

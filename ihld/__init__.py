@@ -18,11 +18,17 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ihld.backends.base import ChatRequest as ChatRequest
     from ihld.backends.base import ChatResult as ChatResult
+    from ihld.common.errors import JobError as JobError
     from ihld.common.errors import StageError as StageError
     from ihld.core.actors import Actor as Actor
     from ihld.core.actors import ActorLike as ActorLike
     from ihld.core.actors import StageContext as StageContext
+    from ihld.core.actors import parse_json_reply as parse_json_reply
+    from ihld.core.formats import FinishedBatch as FinishedBatch
+    from ihld.core.formats import IntakeFormat as IntakeFormat
+    from ihld.core.formats import LineEnd as LineEnd
     from ihld.core.jobs import Job as Job
+    from ihld.core.jobs import JobSpec as JobSpec
     from ihld.core.jobs import StageSpec as StageSpec
     from ihld.core.policies import Affinity as Affinity
     from ihld.core.policies import Fifo as Fifo
@@ -32,7 +38,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ihld.core.scheduler import Scheduler as Scheduler
     from ihld.core.scheduler import Task as Task
     from ihld.plugins.builtin import chat_request as chat_request
-    from ihld.plugins.builtin import parse_json_reply as parse_json_reply
     from ihld.plugins.hookspecs import hookimpl as hookimpl
 
 _API = {
@@ -42,8 +47,13 @@ _API = {
     "ChatRequest": "ihld.backends.base",
     "ChatResult": "ihld.backends.base",
     "chat_request": "ihld.plugins.builtin",
-    "parse_json_reply": "ihld.plugins.builtin",
+    "parse_json_reply": "ihld.core.actors",
     "StageError": "ihld.common.errors",
+    "JobError": "ihld.common.errors",
+    "FinishedBatch": "ihld.core.formats",
+    "IntakeFormat": "ihld.core.formats",
+    "LineEnd": "ihld.core.formats",
+    "JobSpec": "ihld.core.jobs",
     "hookimpl": "ihld.plugins.hookspecs",
     "Job": "ihld.core.jobs",
     "StageSpec": "ihld.core.jobs",
@@ -65,7 +75,12 @@ __all__ = [
     "ChatRequest",
     "ChatResult",
     "Fifo",
+    "FinishedBatch",
+    "IntakeFormat",
     "Job",
+    "JobError",
+    "JobSpec",
+    "LineEnd",
     "Policy",
     "Scheduler",
     "StageContext",

@@ -14,7 +14,8 @@ from ihld.core import jobs
 from ihld.core.actors import Actor, StageContext
 from ihld.core.config import PipelineConfig
 from ihld.core.jobs import Job, StageOverride, parse_document
-from ihld.plugins.host import PluginHost, load_plugins
+from ihld.plugins.host import PluginHost
+from ihld.plugins.loader import load_plugins
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 VERDICT_SCHEMA = {

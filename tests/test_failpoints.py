@@ -221,7 +221,7 @@ def test_hang_action_blocks_the_calling_thread() -> None:
     import sys
 
     code = (
-        "from ihld import failpoints\n"
+        "from ihld.common import failpoints\n"
         "failpoints.configure('watcher.scan:hang@2')\n"
         "failpoints.hit('watcher.scan'); print('first', flush=True)\n"
         "failpoints.hit('watcher.scan'); print('never', flush=True)\n"

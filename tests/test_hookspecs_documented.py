@@ -18,7 +18,7 @@ import structlog.testing
 
 from ihld.core.jobs import Job, StageSpec, parse_document
 from ihld.plugins import hookspecs
-from ihld.plugins.host import load_plugins
+from ihld.plugins.loader import load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"

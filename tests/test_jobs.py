@@ -7,7 +7,8 @@ import json
 import pytest
 
 from ihld.common.errors import JobError
-from ihld.core.jobs import StageOverride, StageSpec, default_id_for, read_entries, resolve
+from ihld.core.entries import read_entries
+from ihld.core.jobs import StageOverride, StageSpec, default_id_for, resolve
 
 PIPELINES = {
     "two": (

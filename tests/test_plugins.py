@@ -18,9 +18,10 @@ from ihld.common.errors import JobError, PluginError
 from ihld.core.actors import Actor, ActorLike, StageContext
 from ihld.core.config import PipelineConfig
 from ihld.core.jobs import Job, StageOverride, StageSpec, parse_document
-from ihld.plugins import builtin
+from ihld.plugins import builtin, openai_batch
 from ihld.plugins.hookspecs import hookimpl
-from ihld.plugins.host import PluginHost, load_plugins
+from ihld.plugins.host import PluginHost
+from ihld.plugins.loader import load_plugins
 from tests.conftest import REPO
 
 ECHO = """
@@ -212,8 +213,9 @@ def test_user_plugin_overrides_builtin_prompt(plugin_dir: Path) -> None:
     host = load(plugin_dir)
     assert host.actors["prompt"] is not builtin.PROMPT_ACTOR
     assert host.actor_models()["prompt"] == "mine"
-    assert row(host, "ihld.plugins.builtin")["actors"] == ["openai-chat"]
+    assert row(host, "ihld.plugins.builtin")["actors"] == []
     assert row(host, "ihld.plugins.builtin")["shadowed"] == ["prompt"]
+    assert row(host, "ihld.plugins.openai_batch")["actors"] == ["openai-chat"]
     assert row(host, "myprompt")["actors"] == ["prompt"]
 
 
@@ -386,7 +388,9 @@ def test_private_and_hidden_files_are_skipped(plugin_dir: Path) -> None:
     (plugin_dir / "notes.txt").write_text("not python")
     write(plugin_dir, "echoes", echo())
     host = load(plugin_dir)
-    assert [r["name"] for r in host.describe()] == ["ihld.plugins.builtin", "echoes"]
+    assert [r["name"] for r in host.describe()] == [
+        "ihld.plugins.builtin", "ihld.plugins.openai_batch", "echoes"
+    ]
 
 
 def test_each_load_is_fresh(plugin_dir: Path) -> None:
@@ -533,7 +537,9 @@ def test_allow_list_env_loads_only_named_plugins(
         host = load(plugin_dir)
     assert [e["plugin"] for e in logs if e["event"] == "plugin_not_found"] == ["other"]
     assert set(host.actors) == {"prompt", "openai-chat", "a"}
-    assert [r["name"] for r in host.describe()] == ["ihld.plugins.builtin", "alpha"]
+    assert [r["name"] for r in host.describe()] == [
+        "ihld.plugins.builtin", "ihld.plugins.openai_batch", "alpha"
+    ]
 
 
 def test_allow_list_env_empty_loads_only_builtin(
@@ -767,9 +773,22 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "file": builtin.__file__,
             "dist": None,
             "hooks": ["register_actors", "register_policies"],
-            "actors": ["prompt", "openai-chat"],
+            "actors": ["prompt"],
             "pipelines": [],
             "policies": ["affinity", "fifo"],
+            "formats": [],
+            "shadowed": [],
+        },
+        {
+            "name": "ihld.plugins.openai_batch",
+            "kind": "builtin",
+            "file": openai_batch.__file__,
+            "dist": None,
+            "hooks": ["register_actors", "register_intake_formats"],
+            "actors": ["openai-chat"],
+            "pipelines": [],
+            "policies": [],
+            "formats": ["openai-batch"],
             "shadowed": [],
         },
         {
@@ -781,6 +800,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "actors": ["echo"],
             "pipelines": [],
             "policies": [],
+            "formats": [],
             "shadowed": [],
         },
         {
@@ -791,6 +811,7 @@ def test_describe_lists_every_plugin(plugin_dir: Path) -> None:
             "hooks": ["job_failed", "job_finished", "stage_failed", "stage_finished"],
             "actors": [],
             "policies": [],
+            "formats": [],
             "pipelines": [],
             "shadowed": [],
         },

@@ -14,7 +14,8 @@ import pytest
 
 from ihld.backends.base import BackendUnavailable
 from ihld.cli.main import render_status
-from ihld.observe.status import PsCache, summary_line
+from ihld.observe.ps_cache import PsCache
+from ihld.observe.status import summary_line
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
 

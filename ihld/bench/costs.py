@@ -129,7 +129,7 @@ def job_costs(
     jobs: Iterable[tuple[float, Mapping[str, Any]]], config: Config, profile: Profile
 ) -> list[JobCost]:
     """Cost ``(arrival_s, job document)`` pairs as the daemon with ``config`` would run them."""
-    from ihld.service.daemon import plugins_for
+    from ihld.plugins.loader import plugins_for
 
     host = plugins_for(config)
     out = []

@@ -85,7 +85,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ihld.client.submit import control_request
     from ihld.core.spool import Spool
-    from ihld.observe.status import fallback_view, render_text, status_view
+    from ihld.observe.status_view import fallback_view, render_text, status_view
 
     spool: Spool = _spool_and_config(args)[0]
     socket = spool.run_dir / "ihld.sock"
@@ -121,7 +121,7 @@ def _width() -> int:
 
 async def _watch_status(fetch: Any, view: Any, as_json: Any, args: argparse.Namespace) -> int:
     """``--watch``: rich Live in place on a terminal; ANSI home+clear frames otherwise."""
-    from ihld.observe.status import render_text
+    from ihld.observe.status_view import render_text
 
     frames = 0
     snap = None
@@ -162,7 +162,7 @@ async def _watch_status(fetch: Any, view: Any, as_json: Any, args: argparse.Name
 
 def render_status(snap: dict[str, Any]) -> str:
     """The human view of a ``/status`` snapshot as plain text."""
-    from ihld.observe.status import render_text, status_view
+    from ihld.observe.status_view import render_text, status_view
 
     return render_text(status_view(snap))
 
@@ -197,7 +197,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from ihld.core.config import load_config
-    from ihld.service.daemon import plugins_for
+    from ihld.plugins.loader import plugins_for
 
     host = plugins_for(load_config(args.config))
     described = host.describe()

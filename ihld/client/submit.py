@@ -28,7 +28,9 @@ from typing import Any
 
 import aiohttp
 
-from ihld.core.jobs import default_id_for, read_entries
+from ihld.common.fsio import fsync_dir, link_new, write_temp
+from ihld.core.entries import read_entries
+from ihld.core.jobs import default_id_for
 from ihld.core.spool import JOB_SUFFIXES
 
 
@@ -45,30 +47,14 @@ def submit_file(source: Path, inbox: Path, name: str | None = None) -> Path:
         raise SubmitError(f"{source}: not a regular file")
     if not inbox.is_dir():
         raise SubmitError(f"inbox {inbox} does not exist: is the spool right (--config)?")
-    tmp = inbox / f".{name}.{os.getpid()}.tmp"
-    target = inbox / name
     with open(source, "rb") as src:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-        try:
-            os.fchmod(fd, 0o640)  # the daemon reads it through the group, whatever the umask
-            while chunk := src.read(1 << 20):
-                os.write(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
+        tmp = write_temp(inbox, name, iter(lambda: src.read(1 << 20), b""))
+    target = inbox / name
+    if not link_new(tmp, target):
         raise SubmitError(
             f"{target} already exists in the inbox (not yet claimed); rename your file"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    dirfd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+        )
+    fsync_dir(inbox)
     return target
 
 

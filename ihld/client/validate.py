@@ -6,18 +6,19 @@ import os
 from pathlib import Path
 
 from ihld.common.errors import JobError
-from ihld.core import jobs
 from ihld.core.config import load_config
+from ihld.core.entries import read_entries
 from ihld.core.spool import JOB_SUFFIXES
-from ihld.service.daemon import make_resolver, plugins_for
+from ihld.plugins.host import PluginHost
+from ihld.plugins.loader import plugins_for
 
 
-def validate_bytes(name: str, data: bytes, resolver: object) -> list[str]:
+def validate_bytes(name: str, data: bytes, host: PluginHost) -> list[str]:
     """Problems in one file's content, one line each; empty when valid."""
     stem, suffix = os.path.splitext(name)
     problems = []
     seen: set[str] = set()
-    for entry in jobs.read_entries(stem, suffix, data):
+    for entry in read_entries(stem, suffix, data, list(host.formats.values())):
         where = f"line {entry.line}: " if entry.line is not None else ""
         if entry.error is not None:
             problems.append(str(entry.error))
@@ -28,7 +29,7 @@ def validate_bytes(name: str, data: bytes, resolver: object) -> list[str]:
         seen.add(entry.job_id)
         assert entry.spec is not None
         try:
-            resolver(entry.spec, entry.job_id, {"file": name})  # type: ignore[operator]
+            host.resolve(entry.spec, entry.job_id, source={"file": name})
         except JobError as exc:
             problems.append(f"{where}{exc}")
     return problems
@@ -36,7 +37,7 @@ def validate_bytes(name: str, data: bytes, resolver: object) -> list[str]:
 
 def validate_paths(paths: list[Path], config_path: str | None) -> int:
     config = load_config(config_path)
-    resolver = make_resolver(plugins_for(config))
+    host = plugins_for(config)
     status = 0
     for path in paths:
         if not path.name.endswith(JOB_SUFFIXES):
@@ -52,7 +53,7 @@ def validate_paths(paths: list[Path], config_path: str | None) -> int:
             print(f"{path}: INVALID\n  {size} bytes, over [limits] max_job_bytes")
             status = 1
             continue
-        problems = validate_bytes(path.name, path.read_bytes(), resolver)
+        problems = validate_bytes(path.name, path.read_bytes(), host)
         if problems:
             status = 1
             print(f"{path}: INVALID")

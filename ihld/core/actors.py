@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ihld.backends.base import ChatRequest, ChatResult
-from ihld.core.jobs import StageSpec
+from ihld.common import jsonsafe
+from ihld.common.errors import StageError
+from ihld.core.jobs import JsonFormat, StageSpec
+from ihld.core.schema import validate_schema
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,34 @@ class Actor:
         """
         if ctx.stage.format is None:
             return result.content
-        from ihld.plugins.builtin import parse_json_reply
-
         return parse_json_reply(result.content, ctx.stage.format)
+
+
+def _strip_fence(text: str) -> str:
+    """Drop a Markdown code fence: models add one even when asked for bare JSON."""
+    if text.startswith("```") and text.endswith("```") and "\n" in text:
+        return text[text.index("\n") + 1 : -3].strip()
+    return text
+
+
+def parse_json_reply(content: str, format: JsonFormat | Mapping[str, Any] | None) -> Any:
+    """Parse a reply requested with ``format``; raise a retryable StageError if it is not valid.
+
+    Retryable because sampling differs between attempts: a truncated or
+    off-schema reply is often fine the second time.
+    """
+    try:
+        value = jsonsafe.loads(_strip_fence(content.strip()))
+    except ValueError as exc:
+        raise StageError(
+            f"reply is not valid JSON: {exc}", retryable=True, kind="invalid_reply"
+        ) from None
+    if isinstance(format, Mapping):
+        problems = validate_schema(value, format)
+        if problems:
+            raise StageError(
+                "reply does not match the requested schema: " + "; ".join(problems),
+                retryable=True,
+                kind="schema_mismatch",
+            )
+    return value

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ import structlog
 
 from ihld.common import failpoints
 from ihld.common.backoff import Backoff
-from ihld.core.spool import Spool, encode_record, link_free, sync_data, write_unsynced
+from ihld.common.fsio import fsync_dir, link_free, sync_data, write_temp
+from ihld.core.spool import Spool, encode_record
 
 log = structlog.get_logger("ihld.core.commit")
 
@@ -89,6 +91,38 @@ class GroupCommitter:
         """Publish ``failed/<id>.json`` (``<id>~N.json`` if taken)."""
         return await self._submit("failure", job_id, record)
 
+    async def final(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
+        """Publish a job's final record: ``failed/``, or ``outbox/`` unless another job holds it.
+
+        An outbox name that is taken is either this very job's result (published
+        before a crash: nothing to do) or another job's with the same id, from
+        another daemon sharing the spool: then this one is a ``duplicate_id`` failure.
+        """
+        if failed:
+            await self.failure(job_id, record)
+            return
+        if await self.result(job_id, record) is not None or self._ours(record):
+            return
+        duplicate = {
+            **record,
+            "status": "failed",
+            "error": {
+                "stage": None,
+                "kind": "duplicate_id",
+                "message": f"duplicate id {job_id!r}: outbox/{job_id}.json holds another job",
+            },
+        }
+        await self.failure(job_id, duplicate)
+
+    def _ours(self, record: dict[str, Any]) -> bool:
+        """Is the published outbox record this job's own (written before a crash)?"""
+        try:
+            existing = json.loads((self.spool.outbox / f"{record['id']}.json").read_text())
+        except (OSError, ValueError):
+            return False
+        mine = record.get("job", {}).get("source", {}).get("claim")
+        return bool(existing.get("job", {}).get("source", {}).get("claim") == mine)
+
     async def _submit(self, kind: Kind, name: str, record: dict[str, Any]) -> Path | None:
         if self._task is None:
             raise RuntimeError("GroupCommitter.start() was not called")
@@ -140,7 +174,9 @@ class GroupCommitter:
         """Blocking: temp files, one data flush, names into place, one flush per directory."""
         try:
             for write in batch:
-                write.tmp = write_unsynced(self._directory(write.kind), write.name, write.data)
+                write.tmp = write_temp(
+                    self._directory(write.kind), write.name, write.data, sync=False
+                )
             sync_data(self.spool.root, [w.tmp for w in batch if w.tmp is not None])
             kinds = sorted({w.kind for w in batch})
             for kind in kinds:
@@ -154,11 +190,7 @@ class GroupCommitter:
         for kind in kinds:
             failpoints.hit(f"{kind}.after_publish")
         for directory in {self._directory(w.kind) for w in batch}:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(directory)
         return results
 
     def _place(self, write: _Write) -> Path | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ from typing import Any
 
 import structlog
 
-from ihld.backends.base import Backend, BackendError
+from ihld.backends.base import Backend
 from ihld.backends.settings import BackendConfig
 from ihld.common.backoff import backoff_delay
+from ihld.core import events
 from ihld.core.actors import ActorLike, StageContext
 from ihld.core.commit import GroupCommitter
 from ihld.core.config import Config
@@ -39,6 +39,7 @@ from ihld.core.executor import (
 from ihld.core.figures import LearnedCosts, ModelFigures
 from ihld.core.health import BackendHealth
 from ihld.core.jobs import RUNNER_OPTIONS
+from ihld.core.models import ModelActions
 from ihld.core.parallelism import ParallelWatch
 from ihld.core.progress import JobProgress
 from ihld.core.scheduler import (
@@ -52,14 +53,14 @@ from ihld.core.scheduler import (
     Task,
     Unload,
 )
+from ihld.core.snapshot import Counts, EngineSnapshot, build
 from ihld.core.spool import InflightLog, Spool
 
 log = structlog.get_logger("ihld")
 
-Notify = Callable[..., Coroutine[Any, Any, None]]
-
 # Transient failures of one stage back off from this, doubling, up to the cap.
 TRANSIENT_BACKOFF = (0.5, 30.0)
+
 
 @dataclass
 class Counters:
@@ -73,10 +74,6 @@ class Counters:
     )
 
 
-async def _no_notify(hook: str, **kwargs: Any) -> None:
-    return None
-
-
 class Engine:
     def __init__(
         self,
@@ -85,7 +82,6 @@ class Engine:
         spool: Spool,
         backends: Mapping[str, Backend],
         actors: Callable[[], Mapping[str, ActorLike]],
-        notify: Notify = _no_notify,
         inflight_log: InflightLog | None = None,
         policy: PolicyFactory,
     ) -> None:
@@ -96,7 +92,7 @@ class Engine:
         self.spool = spool
         self.backends = dict(backends)
         self.actors = actors
-        self.notify = notify
+        self.events = events.EventBus()  # lifecycle events for whoever subscribes
         self.inflight_log = inflight_log
         slots = [
             BackendSlots(
@@ -129,7 +125,16 @@ class Engine:
         )
         self._requests: dict[tuple[str, str], asyncio.Task[Any]] = {}  # stages waiting on a server
         self.parallel = ParallelWatch()
-        self._observers: set[asyncio.Task[None]] = set()
+        self.models = ModelActions(
+            backends=self.backends,
+            configs=self.backend_configs,
+            scheduler=self.scheduler,
+            figures=self.figures,
+            parallel=self.parallel,
+            health=self.health,
+            max_attempts=lambda: self.config.limits.max_attempts,
+            kick=self.kick,
+        )
         self._dispatching = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -139,7 +144,7 @@ class Engine:
         """Backends down now, with why (read-only; ``BackendHealth`` owns it)."""
         return MappingProxyType(self.health.down)
 
-    def apply_config(self, config: Config) -> list[str]:
+    def apply_settings(self, config: Config) -> list[str]:
         """Take a reloaded config: what can change live does; returns the keys that need a restart.
 
         Backends, the policy and the spool keep their old values until a restart.
@@ -153,8 +158,11 @@ class Engine:
             restart.append("scheduler.policy")
         scheduler = config.scheduler.model_copy(update={"policy": self.config.scheduler.policy})
         self.config = config.model_copy(
-            update={"backends": self.config.backends, "spool": self.config.spool,
-                    "scheduler": scheduler}
+            update={
+                "backends": self.config.backends,
+                "spool": self.config.spool,
+                "scheduler": scheduler,
+            }
         )
         self.scheduler.max_wait_s = scheduler.max_wait_s
         self.scheduler.fair_wait_s = scheduler.fair_wait_s
@@ -193,15 +201,25 @@ class Engine:
     def kick(self) -> None:
         self._kick.set()
 
-    def observe(self, hook: str, **kwargs: Any) -> None:
-        """Tell plugin observers, in the background: a slow observer never holds a slot."""
-        self.observe_task(self.notify(hook, **kwargs))
+    def job_rejected(self, record: dict[str, Any]) -> None:
+        """Intake rejected an entry (its record is in ``failed/``): count it, tell observers."""
+        self.counters.jobs_rejected += 1
+        self.events.publish(events.JobFailed(record["id"], None, record["error"]))
 
-    def observe_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run follow-up work in the background; shutdown waits for it (briefly)."""
-        task = asyncio.create_task(coro)
-        self._observers.add(task)
-        task.add_done_callback(self._observers.discard)
+    def snapshot(self) -> EngineSnapshot:
+        """What status, metrics and the STATUS= line read; nothing else of the engine."""
+        c = self.counters
+        return build(
+            scheduler=self.scheduler,
+            figures=self.figures,
+            jobs=self.jobs,
+            counts=Counts(c.jobs_done, c.jobs_failed, c.jobs_rejected, c.stages_done,
+                          c.stage_retries),
+            finished_at=c.finished_at,
+            down=self.health.down,
+            started=self.started,
+            slots=max(b.slots for b in self.config.backends),
+        )  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------
 
@@ -227,9 +245,9 @@ class Engine:
         if isinstance(action, Dispatch):
             coro = self._run_task(action.task)
         elif isinstance(action, Load):
-            coro = self._load(action)
+            coro = self.models.load(action)
         elif isinstance(action, Unload):
-            coro = self._unload(action)
+            coro = self.models.unload(action)
         else:
             coro = self._drop(action)
         task = asyncio.create_task(coro)
@@ -267,8 +285,7 @@ class Engine:
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self.committer.close()
-        if self._observers:  # let plugin observers (and batch outputs) finish
-            await asyncio.wait(set(self._observers), timeout=5)
+        await self.events.drain(5.0)  # let observers (and batch outputs) finish, briefly
         return len(pending)
 
     # -- stages ---------------------------------------------------------------------
@@ -357,7 +374,7 @@ class Engine:
             elif isinstance(outcome, Transient):
                 self._transient(task, progress, outcome)
             elif isinstance(outcome, ModelUnusable):
-                self._model_unusable(
+                self.models.unusable(
                     task.backend or "", task.model_key, outcome.kind, outcome.message
                 )
                 # Elsewhere if another backend may have it; else the scheduler drops it.
@@ -378,10 +395,10 @@ class Engine:
                     task.attempt, base_s=self.config.limits.retry_backoff_s, cap_s=300.0
                 )
                 self._requeue(task, progress, delay=backoff, counts=outcome.counts)
-                await self._notify_stage_failed(progress, task, outcome.message, final=False)
+                self._stage_failed(progress, task, outcome.message, final=False)
             else:
                 assert isinstance(outcome, StageRetry | StageFailed)
-                await self._notify_stage_failed(progress, task, outcome.message, final=True)
+                self._stage_failed(progress, task, outcome.message, final=True)
                 await self.fail_job(
                     progress, task.stage, outcome.kind, outcome.message, attempts=task.attempt
                 )
@@ -403,13 +420,6 @@ class Engine:
         delay = backoff_delay(task.setbacks + 1, base_s=base, cap_s=cap)
         self._requeue(task, progress, delay=delay, counts=False, setback=True)
         self.health.suspect(task.backend or "", outcome.message)
-
-    def _model_unusable(self, backend: str, model_key: str, kind: str, message: str) -> None:
-        """This backend cannot serve the model. The scheduler sends its stages elsewhere,
-        or, where no backend can, drops every one of them (each job fails with ``message``)."""
-        log.error("model_unusable", backend=backend, model_key=model_key, kind=kind, error=message)
-        self.scheduler.model_missing(backend, model_key, kind, message)
-        self.kick()
 
     async def _drop(self, action: Drop) -> None:
         """No backend can serve this task's model: its job fails with the servers' reason."""
@@ -477,9 +487,7 @@ class Engine:
         else:
             await self._checkpoint(progress)
             self._enqueue_ready(progress)
-        self.observe(
-            "stage_finished", job=progress.job, stage=stage, output=done.output, record=done.record
-        )
+        self.events.publish(events.StageFinished(progress.job, stage, done.output, done.record))
 
     def _watch_parallel(self, task: Task, record: dict[str, Any]) -> None:
         """Learn when the server runs fewer requests at once than its slots (status says so)."""
@@ -499,17 +507,9 @@ class Engine:
             self.scheduler.parallel_seen(backend.name, task.model_key, seen)
             log.warning("parallel_limited", parallel=seen, slots=backend.slots)
 
-    async def _notify_stage_failed(
-        self, progress: JobProgress, task: Task, error: str, *, final: bool
-    ) -> None:
-        self.observe(
-            "stage_failed",
-            job=progress.job,
-            stage=progress.job.stage(task.stage),
-            error=error,
-            attempt=task.attempt,
-            final=final,
-        )
+    def _stage_failed(self, progress: JobProgress, task: Task, error: str, *, final: bool) -> None:
+        stage = progress.job.stage(task.stage)
+        self.events.publish(events.StageFailed(progress.job, stage, error, task.attempt, final))
 
     async def _checkpoint(self, progress: JobProgress) -> None:
         """Durably record finished stages before their successors may run."""
@@ -528,7 +528,7 @@ class Engine:
         log.info(
             "job_finished", job_id=job_id, elapsed_s=round(time.time() - progress.claimed_at, 6)
         )
-        self.observe("job_finished", job=progress.job, result=result)
+        self.events.publish(events.JobFinished(progress.job, result))
 
     async def fail_job(
         self, progress: JobProgress, stage: str | None, kind: str, message: str, **extra: Any
@@ -546,7 +546,7 @@ class Engine:
                 request.cancel()
         self.counters.jobs_failed += 1
         log.warning("job_failed", job_id=job_id, stage=stage, kind=kind, error=message)
-        self.observe("job_failed", job_id=job_id, job=progress.job, error=record["error"])
+        self.events.publish(events.JobFailed(job_id, progress.job, record["error"]))
 
     async def _publish(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
         """Publish the final record, then drop the checkpoint: the job leaves memory.
@@ -556,32 +556,10 @@ class Engine:
         the checkpoint is removed.
         """
         self.jobs.pop(job_id, None)
-        if failed:
-            await self.committer.failure(job_id, record)
-        elif await self.committer.result(job_id, record) is None and not self._ours(record):
-            # another job with this id (from another daemon sharing the spool) got there first
-            duplicate = {
-                **record,
-                "status": "failed",
-                "error": {
-                    "stage": None,
-                    "kind": "duplicate_id",
-                    "message": f"duplicate id {job_id!r}: outbox/{job_id}.json holds another job",
-                },
-            }
-            await self.committer.failure(job_id, duplicate)
+        await self.committer.final(job_id, record, failed=failed)
         self.spool.remove_checkpoint(job_id)  # an unlink; recovery tidies up if it is lost
         if not self.jobs:
             self._idle.set()
-
-    def _ours(self, record: dict[str, Any]) -> bool:
-        """Is the published outbox record this job's own (written before a crash)?"""
-        try:
-            existing = json.loads((self.spool.outbox / f"{record['id']}.json").read_text())
-        except (OSError, ValueError):
-            return False
-        mine = record.get("job", {}).get("source", {}).get("claim")
-        return bool(existing.get("job", {}).get("source", {}).get("claim") == mine)
 
     async def expire_deadlines(self) -> None:
         """Fail jobs whose deadline passed: the only way an outage fails a job."""
@@ -596,57 +574,3 @@ class Engine:
                     "job deadline passed before it finished (deadline_s / [limits] job_deadline_s)",
                     backends_down=dict(self.health.down) or None,
                 )
-
-    # -- models -------------------------------------------------------------------------
-
-    async def _load(self, action: Load) -> None:
-        backend = self.backends[action.backend]
-        cfg = self.backend_configs[action.backend]
-        structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
-        log.info("model_loading")
-        try:
-            result = await backend.load(
-                action.model, keep_alive=cfg.keep_alive, options=action.options
-            )
-        except BackendError as exc:
-            self._load_failed(action, exc)
-            return
-        self.scheduler.loaded(
-            action.backend, action.model_key, time.monotonic(), parallel=result.parallel
-        )
-        self.parallel.forget(action.backend, action.model_key)
-        self.figures[action.model_key].learn_load(result.wall_s)
-        log.info(
-            "model_loaded",
-            load_s=round(result.wall_s, 6),
-            load_duration=result.load_duration_ns,
-            parallel=result.parallel,
-        )
-
-    def _load_failed(self, action: Load, exc: BackendError) -> None:
-        """A failed load backs off; one that cannot succeed fails the model's stages.
-
-        Transient: the server, not the model (no count). Otherwise each failure
-        counts, and ``max_attempts`` of them in a row mean the model cannot load.
-        """
-        transient = exc.effect == "transient"
-        now = time.monotonic()
-        failures = self.scheduler.backends[action.backend].load_failures.get(action.model_key, 0)
-        base, cap = TRANSIENT_BACKOFF
-        delay = backoff_delay(failures + 1, base_s=base, cap_s=cap)
-        count = self.scheduler.load_failed(action.backend, action.model_key, retry_at=now + delay)
-        log.error("model_load_failed", kind=exc.kind, error=str(exc), failures=count)
-        if transient:
-            self.health.suspect(action.backend, str(exc))
-        elif exc.effect == "model" or count >= self.config.limits.max_attempts:
-            self._model_unusable(action.backend, action.model_key, exc.kind, str(exc))
-        self.kick()
-
-    async def _unload(self, action: Unload) -> None:
-        structlog.contextvars.bind_contextvars(model=action.model, backend=action.backend)
-        try:
-            await self.backends[action.backend].unload(action.model)
-        except BackendError as exc:
-            log.warning("model_unload_failed", error=str(exc))
-        self.scheduler.unloaded(action.backend, action.model_key, time.monotonic())
-        log.info("model_unloaded")

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ihld.common import failpoints, jsonsafe
 from ihld.common.errors import JobError
-from ihld.core.jobs import Entry, Job, JobSpec, read_entries
+from ihld.common.fsio import numbered_names
+from ihld.core.batches import manifest
+from ihld.core.entries import Entry, read_entries
+from ihld.core.formats import IntakeFormat
+from ihld.core.jobs import Job, JobSpec
 from ihld.core.progress import JobProgress
 from ihld.core.spool import InboxFile, Spool
 
@@ -30,7 +34,7 @@ Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
 class IntakeResult:
     accepted: list[JobProgress] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # the error records
-    batch_manifest: dict[str, Any] | None = None  # an OpenAI batch file's lines
+    batch_manifest: dict[str, Any] | None = None  # lines an intake format read (batches)
     keep_input: bool = False  # an entry was rejected: keep the file under failed/inputs
 
 
@@ -57,12 +61,14 @@ class Intake:
         max_bytes: int,
         deadline_s: float | None = None,
         next_seq: Callable[[], int],
+        formats: Sequence[IntakeFormat] = (),
     ) -> None:
         self.spool = spool
         self.resolver = resolver
         self.max_bytes = max_bytes
         self.deadline_s = deadline_s
         self.next_seq = next_seq
+        self.formats = formats  # the plugins' intake formats (a reload swaps them)
         self.known_ids = spool.known_ids()
 
     def reject_entry(self, entry: InboxFile) -> dict[str, Any] | None:
@@ -120,8 +126,8 @@ class Intake:
     def _failure_records(self, job_id: str) -> list[Path]:
         """``failed/<id>.json`` and its ``<id>~N.json`` siblings (duplicates), in order."""
         paths = []
-        for n in range(1, 10_000):
-            path = self.spool.failed / (f"{job_id}.json" if n == 1 else f"{job_id}~{n}.json")
+        for n, name in enumerate(numbered_names(job_id), start=1):
+            path = self.spool.failed / name
             if not path.exists():
                 if n > 1:
                     break
@@ -150,7 +156,8 @@ class Intake:
             self._reject_file(path, default_id, exc.kind, str(exc), source, result)
             return result
         try:
-            entries = list(read_entries(default_id, os.path.splitext(path.name)[1], data))
+            suffix = os.path.splitext(path.name)[1]
+            entries = list(read_entries(default_id, suffix, data, self.formats))
             if len(entries) == 1 and entries[0].error is not None and entries[0].line is None:
                 err = entries[0].error
                 self._reject_file(path, default_id, err.kind, str(err), source, result)
@@ -158,7 +165,7 @@ class Intake:
             in_file: set[str] = set()
             for entry in entries:
                 self._one(entry, path, source, in_file, result)
-            if any(entry.openai for entry in entries):
+            if any(entry.format for entry in entries):
                 result.batch_manifest = self._batch_manifest(path, default_id, entries)
             created = self.spool.create_checkpoints(
                 [(p.job.id, p.checkpoint()) for p in result.accepted]
@@ -190,15 +197,12 @@ class Intake:
         return result
 
     def _batch_manifest(self, path: Path, batch: str, entries: list[Entry]) -> dict[str, Any]:
-        """Record which job each line of an OpenAI batch became (before the checkpoints)."""
-        from ihld.plugins import openai_batch
-
-        lines = [openai_batch.manifest_line(e.job_id, e.custom_id, e.line) for e in entries]
-        manifest = {"batch": batch, "claim": path.name, "lines": lines, "created_at": time.time()}
+        """Record which job each line of a format's file became (before the checkpoints)."""
+        value = manifest(batch, path.name, entries)
         directory = self.spool.work / "batches"
         directory.mkdir(exist_ok=True)
-        self.spool.save_json(directory, path.stem, manifest)
-        return manifest
+        self.spool.save_json(directory, path.stem, value)
+        return value
 
     def _reject_file(
         self,

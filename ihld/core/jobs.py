@@ -10,13 +10,12 @@ Lines, the line number, so the author can find it. Resolution turns a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ihld.common import jsonsafe
 from ihld.common.errors import JobError
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -143,25 +142,6 @@ class Job:
         )
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One job read from a file: either a spec or the error that rejected it."""
-
-    default_id: str
-    line: int | None  # 1-based line for JSON Lines, None for a .json file
-    spec: JobSpec | None = None
-    error: JobError | None = None
-    raw: str = ""  # the line's text (JSON Lines) for error records
-    custom_id: str | None = None  # an OpenAI batch line's custom_id (see openai_batch)
-    openai: bool = False  # the line was an OpenAI batch request
-
-    @property
-    def job_id(self) -> str:
-        if self.spec is not None and self.spec.id:
-            return self.spec.id
-        return self.default_id
-
-
 def format_validation_error(exc: ValidationError, where: str = "") -> str:
     """Pydantic errors as ``field.path: message`` lines, prefixed by ``where``."""
     parts = []
@@ -218,52 +198,6 @@ def default_id_for(stem: str) -> str:
 
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{safe}-{digest}"
-
-
-def read_entries(stem: str, suffix: str, data: bytes) -> Iterator[Entry]:
-    """Split a job file into entries: one for ``.json``, one per non-blank line for ``.jsonl``."""
-    default = default_id_for(stem)
-    try:
-        text = jsonsafe.decode_text(data)
-    except jsonsafe.StrictJSONError as exc:
-        yield Entry(default, None, error=JobError(str(exc), kind=exc.kind))
-        return
-    if suffix == ".json":
-        yield _entry(default, None, text)
-        return
-    seen_any = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        seen_any = True
-        yield _entry(f"{default}.{number}", number, line)
-    if not seen_any:
-        yield Entry(default, None, error=JobError("empty file: no job lines", kind="empty"))
-
-
-def _entry(default_id: str, line: int | None, text: str) -> Entry:
-    where = f"line {line}" if line is not None else ""
-    try:
-        value = jsonsafe.loads(text)
-    except jsonsafe.StrictJSONError as exc:
-        msg = f"{where}: {exc}" if where else str(exc)
-        return Entry(default_id, line, error=JobError(msg, kind=exc.kind), raw=text[:4096])
-    from ihld.plugins import openai_batch
-
-    if line is not None and openai_batch.is_batch_line(value):
-        custom_id = value.get("custom_id")
-        cid = custom_id if isinstance(custom_id, str) else None
-        try:
-            spec = openai_batch.to_spec(value)
-        except JobError as exc:
-            exc.args = (f"{where}: {exc}",)
-            return Entry(default_id, line, error=exc, raw=text[:4096], custom_id=cid, openai=True)
-        return Entry(default_id, line, spec=spec, raw=text[:4096], custom_id=cid, openai=True)
-    try:
-        spec = parse_document(value, where)
-    except JobError as exc:
-        return Entry(default_id, line, error=exc, raw=text[:4096])
-    return Entry(default_id, line, spec=spec, raw=text[:4096])
 
 
 def resolve(

@@ -20,7 +20,6 @@ names. Nothing here follows a symlink or opens a file outside the spool.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import itertools
@@ -34,93 +33,25 @@ from typing import Any
 
 from ihld.common import failpoints, jsonsafe
 from ihld.common.errors import JobError, SpoolError
+from ihld.common.fsio import fsync_dir, link_free, replace_durably, sync_data, write_temp
 
 JOB_SUFFIXES = (".json", ".jsonl")
 _seq = itertools.count()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_temp(directory: Path, stem: str, data: bytes) -> Path:
-    """Write ``data`` to a new dotted temp file in ``directory`` and fsync it."""
-    tmp = write_unsynced(directory, stem, data)
-    try:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
-
-
-def sync_data(root: Path, files: list[Path]) -> None:
-    """Make the data of ``files`` durable: one ``syncfs`` of the spool's filesystem
-    (one journal commit for any number of files), or an fsync each without it."""
-    if _syncfs is not None:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _syncfs(fd) == 0:
-                return
-        finally:
-            os.close(fd)
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return write_temp(directory, stem, data)
 
 
 def write_unsynced(directory: Path, stem: str, data: bytes) -> Path:
     """A dotted temp file with ``data``, not yet flushed (see ``sync_data``)."""
-    tmp = directory / f".{stem}.{os.getpid()}.{next(_seq)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
+    return write_temp(directory, stem, data, sync=False)
 
 
 def encode_record(record: dict[str, Any], *, compact: bool = False) -> bytes:
     """Results are indented for people; checkpoints, rewritten after every stage, are
     compact (the indenting encoder is three times slower)."""
     return (jsonsafe.dumps(record, compact=compact) + "\n").encode("utf-8")
-
-
-def link_free(
-    tmp: Path, directory: Path, name: str, suffix: str = ".json", *, first: int = 1
-) -> Path | None:
-    """Hard-link ``tmp`` to ``name{suffix}``, else ``name~2{suffix}``, ``~3`` … (never clobbers).
-
-    ``first=2`` skips the bare name. None only if 10,000 names are taken.
-    """
-    for n in range(first, 10_000):
-        target = directory / (f"{name}{suffix}" if n == 1 else f"{name}~{n}{suffix}")
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            continue
-        return target
-    return None
 
 
 @dataclass(frozen=True)
@@ -245,11 +176,11 @@ class Spool:
 
     def mark_running(self) -> None:
         self.clean_marker.unlink(missing_ok=True)
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
 
     def mark_clean_shutdown(self) -> None:
         self.clean_marker.write_text(f"{time.time()}\n")
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
 
     # -- inbox --------------------------------------------------------------
 
@@ -290,7 +221,7 @@ class Spool:
         except FileNotFoundError:
             return None
         failpoints.hit("claim.after_rename")
-        _fsync_dir(self.claimed)
+        fsync_dir(self.claimed)
         return target
 
     def claimed_files(self) -> list[Path]:
@@ -352,7 +283,7 @@ class Spool:
             os.rename(path, target)
         except FileNotFoundError:
             return None
-        _fsync_dir(self.failed_inputs)
+        fsync_dir(self.failed_inputs)
         return target
 
     def reject_target(self, name: str) -> Path:
@@ -370,12 +301,12 @@ class Spool:
             if exc.errno in (errno.EXDEV, errno.EISDIR, errno.ENOTEMPTY):
                 return None
             raise
-        _fsync_dir(self.failed_inputs)
+        fsync_dir(self.failed_inputs)
         return target
 
     def done_with_claimed(self, path: Path) -> None:
         path.unlink(missing_ok=True)
-        _fsync_dir(self.claimed)
+        fsync_dir(self.claimed)
 
     # -- checkpoints --------------------------------------------------------
 
@@ -399,7 +330,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         failpoints.hit("checkpoint.after_publish")
-        _fsync_dir(self.jobs)
+        fsync_dir(self.jobs)
         return True
 
     def create_checkpoints(self, records: list[tuple[str, dict[str, Any]]]) -> list[bool]:
@@ -424,7 +355,7 @@ class Spool:
             for tmp in tmps:
                 tmp.unlink(missing_ok=True)
         failpoints.hit("checkpoint.after_publish")
-        _fsync_dir(self.jobs)
+        fsync_dir(self.jobs)
         return created
 
     def load_checkpoint(self, job_id: str) -> dict[str, Any]:
@@ -463,14 +394,12 @@ class Spool:
         finally:
             tmp.unlink(missing_ok=True)
         failpoints.hit(f"{point}.after_publish")
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return target
 
     def save_json(self, directory: Path, name: str, record: dict[str, Any]) -> None:
         """Durably write ``directory/name.json`` (replacing it): small internal records."""
-        tmp = _write_temp(directory, name, encode_record(record))
-        os.rename(tmp, directory / f"{name}.json")
-        _fsync_dir(directory)
+        replace_durably(directory, f"{name}.json", encode_record(record))
 
     def publish_text(self, name: str, data: bytes) -> Path | None:
         """Publish ``outbox/name`` atomically, never overwriting; ``name~N`` if taken."""
@@ -481,7 +410,7 @@ class Spool:
         finally:
             tmp.unlink(missing_ok=True)
         if target is not None:
-            _fsync_dir(self.outbox)
+            fsync_dir(self.outbox)
         return target
 
     def publish_result(self, job_id: str, record: dict[str, Any]) -> Path | None:
@@ -501,7 +430,7 @@ class Spool:
         if target is None:
             raise SpoolError(f"cannot find a free name for failure record {name}")
         failpoints.hit("failure.after_publish")
-        _fsync_dir(self.failed)
+        fsync_dir(self.failed)
         return target
 
     def is_finished(self, job_id: str) -> bool:

@@ -82,6 +82,7 @@ class InboxWatcher:
         self._wake = asyncio.Event()
         self.events_seen = 0
         self.scans = 0
+        self.scanned = asyncio.Event()  # set after every scan (``--once`` waits on it)
 
     def poke(self) -> None:
         """Scan soon (called by the event watcher and by ``ihld submit`` via the control socket)."""
@@ -138,6 +139,7 @@ class InboxWatcher:
                 self._wake.clear()
                 ready = await asyncio.to_thread(self._scan)  # blocking reads off the loop
                 self.scans += 1
+                self.scanned.set()
                 failpoints.hit("watcher.scan")  # on the event loop: `hang` here hangs the daemon
                 if ready.files or ready.rejects:
                     yield ready

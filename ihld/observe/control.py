@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ihld.common.errors import SpoolError
 from ihld.observe.metrics import CONTENT_TYPE_LATEST, Metrics
-from ihld.observe.status import PsCache
+from ihld.observe.ps_cache import PsCache
 
 log = structlog.get_logger("ihld")
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ihld.backends.base import ChatRequest
-from ihld.common import jsonsafe
 from ihld.common.errors import StageError
-from ihld.core.actors import Actor, StageContext
+from ihld.core.actors import Actor, StageContext, parse_json_reply
 from ihld.core.jobs import JsonFormat, StageSpec
 from ihld.core.policies import BUILTIN as BUILTIN_POLICIES
 from ihld.core.scheduler import PolicyFactory
@@ -240,36 +239,6 @@ def chat_request(
     )
 
 
-def _strip_fence(text: str) -> str:
-    """Drop a Markdown code fence: models add one even when asked for bare JSON."""
-    if text.startswith("```") and text.endswith("```") and "\n" in text:
-        return text[text.index("\n") + 1 : -3].strip()
-    return text
-
-
-def parse_json_reply(content: str, format: JsonFormat | Mapping[str, Any] | None) -> Any:
-    """Parse a reply requested with ``format``; raise a retryable StageError if it is not valid.
-
-    Retryable because sampling differs between attempts: a truncated or
-    off-schema reply is often fine the second time.
-    """
-    try:
-        value = jsonsafe.loads(_strip_fence(content.strip()))
-    except ValueError as exc:
-        raise StageError(
-            f"reply is not valid JSON: {exc}", retryable=True, kind="invalid_reply"
-        ) from None
-    if isinstance(format, Mapping):
-        problems = validate_schema(value, format)
-        if problems:
-            raise StageError(
-                "reply does not match the requested schema: " + "; ".join(problems),
-                retryable=True,
-                kind="schema_mismatch",
-            )
-    return value
-
-
 def check_stage(stage: StageSpec, *, earlier: Collection[str] | None = None) -> None:
     """Raise ``ValueError`` if ``stage`` cannot run on the prompt actor (no or bad template)."""
     if stage.prompt is None:
@@ -308,14 +277,8 @@ PROMPT_ACTOR = PromptActor()
 
 @hookimpl(trylast=True)
 def register_actors(register: Callable[[Actor], None]) -> None:
-    """The fallback ``prompt`` actor, and ``openai-chat`` for OpenAI batch lines.
-
-    trylast so user plugins are asked first.
-    """
-    from ihld.plugins.openai_batch import OpenAIChatActor
-
+    """The fallback ``prompt`` actor; trylast so user plugins are asked first."""
     register(PROMPT_ACTOR)
-    register(OpenAIChatActor())
 
 
 @hookimpl(trylast=True)

@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 
 from ihld.core.actors import Actor
+from ihld.core.formats import IntakeFormat
 from ihld.core.jobs import Job, StageSpec
 from ihld.core.scheduler import PolicyFactory
 
@@ -33,7 +34,12 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # Called once per load, with a ``register`` callback, to build the tables.
-REGISTRATION_HOOKS = ("register_actors", "register_pipelines", "register_policies")
+REGISTRATION_HOOKS = (
+    "register_actors",
+    "register_pipelines",
+    "register_policies",
+    "register_intake_formats",
+)
 # Called by the daemon through ``PluginHost.notify``; may be async, never fail a job.
 OBSERVER_HOOKS = ("stage_finished", "stage_failed", "job_finished", "job_failed")
 
@@ -92,6 +98,28 @@ def register_policies(register: Callable[[str, PolicyFactory], None]) -> None:
         ``pins_models``, ``releases_early``, ``queue_order(task)``,
         ``plan(backend, now, actions)`` and ``wakeups(now)``. A user plugin may
         reuse a built-in name: it replaces the built-in policy.
+    :returns: nothing; registration happens only through ``register``.
+    """
+
+
+@hookspec
+def register_intake_formats(register: Callable[[IntakeFormat], None]) -> None:
+    """Register intake formats: other kinds of JSON Lines files that become jobs.
+
+    Called once each time plugins are loaded, after policies. Intake offers
+    each line of a ``.jsonl`` file to the formats in turn (the built-in
+    ``openai-batch`` format among them); the first whose ``recognise(value)``
+    is true turns it into a job with ``to_spec(value)`` and keeps
+    ``tag(value)``. When every job of the file has ended, ``finish(batch)``
+    returns the files to publish in ``outbox/``.
+
+    :param register: call it as ``register(fmt)`` with an object of the
+        ``ihld.IntakeFormat`` shape: ``name`` (matching
+        ``[A-Za-z0-9_.-]{1,64}``), ``recognise``, ``to_spec`` (a
+        ``ihld.JobSpec``, or raise ``ihld.JobError`` naming the field),
+        ``tag`` (small JSON) and ``finish`` (``ihld.FinishedBatch`` →
+        ``{file name: bytes}``). A name another user plugin registered raises
+        ``PluginError``; a user plugin may replace a built-in format.
     :returns: nothing; registration happens only through ``register``.
     """
 

@@ -9,8 +9,9 @@ like any other job. When every line has ended, ihld writes
 ``response: {status_code, request_id, body}``, ``error``), with bodies in the
 Chat Completions format, so existing tooling reads them unchanged.
 
-Which batch a job belongs to survives restarts in a manifest,
-``work/batches/<claim>.json``, written at intake before the jobs' checkpoints.
+It is a plugin on the general intake-format hook (``register_intake_formats``,
+``ihld.core.formats``): the core knows nothing of OpenAI. Which batch a job
+belongs to survives restarts in the core's batch manifests (``ihld.core.batches``).
 
 Honoured body fields: ``model``, ``messages``, ``temperature``, ``top_p``,
 ``seed``, ``max_tokens`` / ``max_completion_tokens`` (Ollama's
@@ -26,17 +27,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
-from ihld.backends.base import ChatRequest, ChatResult
-from ihld.common import jsonsafe
-from ihld.common.errors import JobError
-from ihld.core.actors import Actor, StageContext
-from ihld.core.jobs import JobSpec, JsonFormat, StageSpec
-from ihld.core.spool import Spool
+from ihld import (
+    Actor,
+    ActorLike,
+    ChatRequest,
+    ChatResult,
+    FinishedBatch,
+    IntakeFormat,
+    JobError,
+    JobSpec,
+    StageContext,
+    StageSpec,
+    hookimpl,
+    parse_json_reply,
+)
 
+FORMAT = "openai-batch"
 ACTOR = "openai-chat"
 CHAT_URL = "/v1/chat/completions"
 OPTION_MAP = {
@@ -62,7 +71,7 @@ def _fail(message: str, path: str) -> JobError:
     return JobError(f"{path}: {message}", kind="invalid_batch_line", path=path)
 
 
-def _format(response_format: Any) -> JsonFormat | None:
+def _format(response_format: Any) -> Literal["json"] | dict[str, Any] | None:
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
@@ -136,8 +145,6 @@ class OpenAIChatActor(Actor):
 
     def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
         if ctx.stage.format is not None:
-            from ihld.plugins.builtin import parse_json_reply
-
             parse_json_reply(result.content, ctx.stage.format)
         return result.content
 
@@ -192,83 +199,44 @@ def error_line(job_id: str, custom_id: str | None, record: Mapping[str, Any]) ->
     }
 
 
-class BatchTracker:
-    """Knows which jobs belong to which batch, and writes a batch's files when it ends."""
+class OpenAIBatchFormat:
+    """The intake format: recognise batch lines, and write the batch's two output files."""
 
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.directory = spool.work / "batches"
-        self.directory.mkdir(exist_ok=True)
-        self._batch_of: dict[str, str] = {}  # job id -> manifest name
-        self._remaining: dict[str, set[str]] = {}
-        self._manifests: dict[str, dict[str, Any]] = {}
+    name = FORMAT
 
-    # -- daemon side --------------------------------------------------------------------
+    def recognise(self, value: Any) -> bool:
+        return is_batch_line(value)
 
-    def load_all(self) -> list[str]:
-        """Read every manifest (start-up); returns batches already complete."""
-        complete = []
-        for path in sorted(self.directory.glob("*.json")):
-            name = self.register(jsonsafe.loads(path.read_text(encoding="utf-8")), path.stem)
-            if name is not None:
-                complete.append(name)
-        return complete
+    def to_spec(self, value: Any) -> JobSpec:
+        return to_spec(value)
 
-    def register(self, manifest: dict[str, Any], name: str | None = None) -> str | None:
-        """Track a batch; returns its name if all its lines have already ended."""
-        name = name or Path(manifest["claim"]).stem
-        self._manifests[name] = manifest
-        remaining = set()
-        for line in manifest["lines"]:
-            job_id = line["job_id"]
-            if not self.spool.is_finished(job_id):
-                remaining.add(job_id)
-                self._batch_of[job_id] = name
-        self._remaining[name] = remaining
-        return name if not remaining else None
+    def tag(self, value: Any) -> dict[str, Any]:
+        custom_id = value.get("custom_id")
+        return {"custom_id": custom_id if isinstance(custom_id, str) else None}
 
-    def job_ended(self, job_id: str) -> str | None:
-        """A job finished or failed; returns the batch name if that completed it."""
-        name = self._batch_of.pop(job_id, None)
-        if name is None:
-            return None
-        remaining = self._remaining[name]
-        remaining.discard(job_id)
-        return name if not remaining else None
-
-    def assemble(self, name: str) -> tuple[Path | None, Path | None]:
-        """Blocking: write ``<batch>.output.jsonl`` and ``.errors.jsonl``; drop the manifest."""
-        manifest = self._manifests.pop(name)
-        self._remaining.pop(name, None)
+    def finish(self, batch: FinishedBatch) -> dict[str, bytes]:
         outputs, errors = [], []
-        for line in manifest["lines"]:
-            job_id, custom_id = line["job_id"], line["custom_id"]
-            done = self._read(self.spool.outbox / f"{job_id}.json")
-            if done is not None:
-                outputs.append(output_line(job_id, custom_id, done))
-                continue
-            failed = self._read(self.spool.failed / f"{job_id}.json") or {
-                "error": {"kind": "lost", "message": "no record found for this line"}
-            }
-            errors.append(error_line(job_id, custom_id, failed))
-        batch = manifest["batch"]
-        out = self.spool.publish_text(f"{batch}.output.jsonl", _jsonl(outputs))
-        err = self.spool.publish_text(f"{batch}.errors.jsonl", _jsonl(errors))
-        (self.directory / f"{name}.json").unlink(missing_ok=True)
-        return out, err
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any] | None:
-        try:
-            value: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return value
+        for line in batch.lines:
+            custom_id = line.tag.get("custom_id")
+            if line.result is not None:
+                outputs.append(output_line(line.job_id, custom_id or "", line.result))
+            else:
+                errors.append(error_line(line.job_id, custom_id, line.failure or {}))
+        return {
+            f"{batch.name}.output.jsonl": _jsonl(outputs),
+            f"{batch.name}.errors.jsonl": _jsonl(errors),
+        }
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(line, ensure_ascii=False).encode() + b"\n" for line in lines)
 
 
-def manifest_line(job_id: str, custom_id: str | None, line: int | None) -> dict[str, Any]:
-    return {"job_id": job_id, "custom_id": custom_id, "line": line}
+@hookimpl
+def register_actors(register: Callable[[ActorLike], None]) -> None:
+    register(OpenAIChatActor())
+
+
+@hookimpl
+def register_intake_formats(register: Callable[[IntakeFormat], None]) -> None:
+    register(OpenAIBatchFormat())

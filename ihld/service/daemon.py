@@ -40,6 +40,8 @@ from ihld.backends.ollama import OllamaBackend, make_session
 from ihld.backends.openai import OpenAIBackend
 from ihld.common.backoff import Backoff
 from ihld.common.errors import ConfigError, PluginError
+from ihld.core import events
+from ihld.core.batches import BatchTracker
 from ihld.core.config import Config, load_config
 from ihld.core.engine import Engine
 from ihld.core.intake import Intake, IntakeResult, Resolver
@@ -51,20 +53,13 @@ from ihld.core.watcher import InboxWatcher
 from ihld.observe import logs
 from ihld.observe.control import start_control
 from ihld.observe.metrics import Metrics
-from ihld.observe.status import PsCache, snapshot, summary_line
+from ihld.observe.ps_cache import PsCache
+from ihld.observe.status import status_document, summary_line
 from ihld.observe.systemd import Notifier, watchdog_loop
-from ihld.plugins.host import PluginHost, load_plugins
-from ihld.plugins.openai_batch import BatchTracker
+from ihld.plugins.host import PluginHost
+from ihld.plugins.loader import plugins_for
 
 log = structlog.get_logger("ihld")
-
-
-def plugins_for(config: Config) -> PluginHost:
-    return load_plugins(
-        config.plugins.dirs,
-        entry_points=config.plugins.entry_points,
-        config_pipelines=config.pipelines,
-    )
 
 
 def make_resolver(host: PluginHost) -> Resolver:
@@ -92,13 +87,14 @@ class Daemon:
     reload: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: Metrics = field(default_factory=Metrics)  # fed by the event log (issue 5)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
-    _intake_busy: bool = False
+    _intake_idle: asyncio.Event = field(default_factory=asyncio.Event)
     _intake_paused_until: float = 0.0
     _cancelled: int = 0
 
     # -- start-up -------------------------------------------------------------------
 
     async def run(self) -> int:
+        self._intake_idle.set()
         logs.configure_logging("info", stderr=True)
         self.config = load_config(self.config_path)
         self.spool = Spool(self.config.spool.dir, node=self.config.spool.node)
@@ -121,17 +117,19 @@ class Daemon:
                 spool=self.spool,
                 backends=backends,
                 actors=lambda: self.host.actors,
-                notify=self._notify,
                 inflight_log=inflight_log,
                 policy=self._policy(),
             )
-            self.batches = BatchTracker(self.spool)
+            self.batches = BatchTracker(self.spool, self.host.formats)
+            self.engine.events.subscribe(self._batch_event)
+            self.engine.events.subscribe(self._plugin_event)
             self.intake = Intake(
                 self.spool,
                 make_resolver(self.host),
                 max_bytes=self.config.limits.max_job_bytes,
                 deadline_s=self.config.limits.job_deadline_s,
                 next_seq=lambda: next(self._seq),
+                formats=list(self.host.formats.values()),
             )
             self.spool.mark_running()
             recovered = await self._recover(crashed, clean)
@@ -216,30 +214,29 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload.set)
         stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
-    async def _notify(self, hook: str, **kwargs: Any) -> None:
-        if hook in ("job_finished", "job_failed"):
-            job_id = kwargs["job"].id if hook == "job_finished" else kwargs["job_id"]
-            await self._batch_job_ended(job_id)
+    async def _plugin_event(self, event: events.Event) -> None:
+        """The plugins' observer hooks (the host in force now: a reload swaps it)."""
+        hook, kwargs = events.hook_call(event)
         await self.host.notify(hook, **kwargs)
 
-    async def _batch_job_ended(self, job_id: str) -> None:
-        name = self.batches.job_ended(job_id)
+    async def _batch_event(self, event: events.Event) -> None:
+        job_id = events.ended_job_id(event)
+        name = None if job_id is None else self.batches.job_ended(job_id)
         if name is not None:
             await self._assemble_batch(name)
 
     async def _assemble_batch(self, name: str) -> None:
-        """Write an OpenAI batch's output and error files once all its lines ended."""
+        """Publish a batch's output files (its intake format's) once all its lines ended."""
         try:
-            out, err = await asyncio.to_thread(self.batches.assemble, name)
-        except OSError as exc:
+            files = await asyncio.to_thread(self.batches.assemble, name)
+        except (OSError, LookupError) as exc:
             log.error("batch_output_failed", batch=name, error=str(exc))
             return
-        log.info("batch_finished", batch=name, output=str(out), errors=str(err))
+        log.info("batch_finished", batch=name, files=[str(f) for f in files if f is not None])
 
     def snapshot(self) -> dict[str, Any]:
-        snap = snapshot(self.engine, self.spool.counts())
-        snap["intake_paused"] = self._intake_paused_until > time.monotonic()
-        return snap
+        paused = self._intake_paused_until > time.monotonic()
+        return status_document(self.engine.snapshot(), self.spool.counts(), intake_paused=paused)
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -346,7 +343,7 @@ class Daemon:
                         self._log_rejected(record)
                 for entry in ready.files:
                     await self._wait_for_room()
-                    self._intake_busy = True
+                    self._intake_idle.clear()
                     try:
                         result = await asyncio.to_thread(self.intake.claim_and_read, entry)
                     except OSError as exc:
@@ -356,7 +353,7 @@ class Daemon:
                         log.error("intake_failed", file=entry.name, error=repr(exc))
                         continue
                     finally:
-                        self._intake_busy = False
+                        self._intake_idle.set()
                     if result is not None:
                         self._admit(result)
         finally:
@@ -396,7 +393,7 @@ class Daemon:
         if result.batch_manifest is not None:
             complete = self.batches.register(result.batch_manifest)
             if complete is not None:
-                self.engine.observe_task(self._assemble_batch(complete))
+                self.engine.events.spawn(self._assemble_batch(complete))
         for progress in result.accepted:
             log.info(
                 "job_claimed",
@@ -409,7 +406,6 @@ class Daemon:
             self._log_rejected(record)
 
     def _log_rejected(self, record: dict[str, Any]) -> None:
-        self.engine.counters.jobs_rejected += 1
         error = record["error"]
         log.warning(
             "job_rejected",
@@ -418,7 +414,7 @@ class Daemon:
             error=error["message"],
             file=record.get("source", {}).get("file"),
         )
-        self.engine.observe("job_failed", job_id=record["id"], job=None, error=error)
+        self.engine.job_rejected(record)
 
     async def _deadline_loop(self) -> None:
         while True:
@@ -427,20 +423,26 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         while True:  # the summary needs no spool counts: no directory listing every 2 s
-            self.notifier.status(summary_line(snapshot(self.engine)))
+            self.notifier.status(summary_line(status_document(self.engine.snapshot())))
             await asyncio.sleep(2.0)
 
     async def _once_loop(self) -> None:
-        """``--once``: stop when the inbox, the claims and the engine are all empty."""
+        """``--once``: stop when the engine is idle and the inbox and the claims are empty.
+
+        Woken by events, not a timer: the engine going idle, intake finishing a
+        file, the watcher finishing a scan.
+        """
         while True:
-            await asyncio.sleep(0.1)
-            if self.engine.jobs or self._intake_busy or self.engine.scheduler.inflight:
-                continue
+            await self.engine.wait_idle()
+            await self._intake_idle.wait()
+            self.watcher.scanned.clear()
             inbox = await asyncio.to_thread(self.spool.scan_inbox)
-            if any(e.kind == "file" and e.name.endswith((".json", ".jsonl")) for e in inbox):
+            pending = any(e.kind == "file" and e.name.endswith((".json", ".jsonl")) for e in inbox)
+            if pending or self.spool.claimed_files():
+                await self.watcher.scanned.wait()  # intake will take them: look again after
                 continue
-            if self.spool.claimed_files() or self.engine.jobs:
-                continue
+            if self.engine.jobs or not self._intake_idle.is_set():
+                continue  # something arrived meanwhile
             self.stop.set()
             return
 
@@ -461,10 +463,12 @@ class Daemon:
             log.error("reload_failed", error=str(exc))
             self.notifier.ready(status=f"reload failed, old config kept: {exc}".splitlines()[0])
             return
-        restart_needed = self.engine.apply_config(config)
+        restart_needed = self.engine.apply_settings(config)
         self.config = self.engine.config  # what is in force: restart-only keys keep old values
         self.host = host
         self.intake.resolver = make_resolver(host)
+        self.intake.formats = list(host.formats.values())
+        self.batches.formats = host.formats
         self.intake.max_bytes = config.limits.max_job_bytes
         self.intake.deadline_s = config.limits.job_deadline_s
         self._configure_logs(config)

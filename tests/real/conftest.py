@@ -68,16 +68,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write(_banner(reason), red=True, bold=True)
 
 
-def llamacpp_backend_present() -> bool:
-    """Whether ihld has ``kind = "llamacpp"`` yet (another change adds it)."""
-    return "llamacpp" in (DAEMON_SRC / "ihld" / "config.py").read_text()
-
-
-KIND = "llamacpp" if llamacpp_backend_present() else "openai"
+KIND = "llamacpp"
 # The llamacpp backend resolves names case-insensitively against the router's list
-# (gemma3:270M); the plain openai client needs the router's exact ids.
-MODEL_A = "gemma3:270m" if KIND == "llamacpp" else "gemma3:270M"
-MODEL_B = "gemma3-b:270m" if KIND == "llamacpp" else "gemma3-b:270M"
+# (gemma3:270M).
+MODEL_A = "gemma3:270m"
+MODEL_B = "gemma3-b:270m"
 ROUTER_ID = {"gemma3:270m": "gemma3:270M", "gemma3-b:270m": "gemma3-b:270M"}
 
 

@@ -28,7 +28,6 @@ from tests.real.conftest import (
     ROUTER_ID,
     Proxy,
     RealRig,
-    llamacpp_backend_present,
 )
 from tests.real.router import Router
 
@@ -180,7 +179,6 @@ def test_json_schema_format_is_decoded_under_the_grammar(
         assert describe["attempts"] == 1, describe
 
 
-@pytest.mark.skipif(not llamacpp_backend_present(), reason="ihld has no kind 'llamacpp' yet")
 def test_explicit_load_and_unload_seen_in_get_models(router: Router) -> None:
     import aiohttp
 

@@ -37,4 +37,3 @@ class Fifo:
             if best is None:
                 return
             self.s.dispatch(backend, self.s.queues[best[2]], actions)
-

@@ -32,11 +32,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ihld.core.jobs import StageSpec as StageSpec
     from ihld.core.policies import Affinity as Affinity
     from ihld.core.policies import Fifo as Fifo
-    from ihld.core.scheduler import Action as Action
-    from ihld.core.scheduler import BackendSlots as BackendSlots
     from ihld.core.scheduler import Policy as Policy
     from ihld.core.scheduler import Scheduler as Scheduler
-    from ihld.core.scheduler import Task as Task
+    from ihld.core.tasks import Action as Action
+    from ihld.core.tasks import BackendSlots as BackendSlots
+    from ihld.core.tasks import Task as Task
     from ihld.plugins.builtin import chat_request as chat_request
     from ihld.plugins.hookspecs import hookimpl as hookimpl
 
@@ -59,11 +59,11 @@ _API = {
     "StageSpec": "ihld.core.jobs",
     "Affinity": "ihld.core.policies",
     "Fifo": "ihld.core.policies",
-    "Action": "ihld.core.scheduler",
-    "BackendSlots": "ihld.core.scheduler",
+    "Action": "ihld.core.tasks",
+    "BackendSlots": "ihld.core.tasks",
     "Policy": "ihld.core.scheduler",
     "Scheduler": "ihld.core.scheduler",
-    "Task": "ihld.core.scheduler",
+    "Task": "ihld.core.tasks",
 }
 
 __all__ = [

@@ -12,16 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from ihld.core.policies import BUILTIN
-from ihld.core.scheduler import (
-    BackendSlots,
-    Dispatch,
-    FixedCosts,
-    Load,
-    ModelState,
-    Scheduler,
-    Task,
-    Unload,
-)
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import BackendSlots, Dispatch, FixedCosts, Load, ModelState, Task, Unload
 
 
 @dataclass

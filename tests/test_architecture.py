@@ -34,19 +34,7 @@ RANKS = {
 TOP = {"ihld", "ihld.__main__"}  # the public API (lazy names) and ``python -m ihld``
 MAX_LINES = 450  # "modules of a few hundred lines"; the ones still above are listed below
 # Not split yet: each may shrink, never grow (lower the figure when it shrinks).
-OVER_LIMIT: dict[str, int] = {
-    "ihld.observe.report_html": 719,
-    "ihld.backends.openai": 622,
-    "ihld.observe.report_model": 603,
-    "ihld.core.engine": 576,
-    "ihld.core.spool": 560,
-    "ihld.backends.http": 533,
-    "ihld.observe.logs": 531,
-    "ihld.sim.handlers": 513,
-    "ihld.core.scheduler": 500,
-    "ihld.service.daemon": 487,
-    "ihld.cli.main": 451,
-}
+OVER_LIMIT: dict[str, int] = {"ihld.core.engine": 457}
 
 
 def module_name(path: Path) -> str:

@@ -748,7 +748,7 @@ def test_strict_json_refuses_overflow_and_huge_integers() -> None:
 
 
 def test_the_inflight_log_never_raises(tmp_path: Path) -> None:
-    from ihld.core.spool import InflightLog
+    from ihld.core.inflight import InflightLog
 
     log = InflightLog(Path("/dev/full"))  # every write: ENOSPC
     log.started("j", "s")

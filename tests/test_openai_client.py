@@ -41,7 +41,8 @@ from ihld.backends.base import (
 )
 from ihld.backends.http import ReadTimeout
 from ihld.backends.ollama import TASK_HEADER, ModelNotAllowed, ProtocolError
-from ihld.backends.openai import OPTION_MAP, OpenAIBackend, openai_metrics, request_body
+from ihld.backends.openai import OpenAIBackend
+from ihld.backends.openai_wire import OPTION_MAP, openai_metrics, request_body
 from ihld.common.errors import ConfigError
 from ihld.core.config import BackendConfig, parse_config
 

@@ -901,7 +901,7 @@ def register_policies(register):
 def test_hook_register_policies(plugin_dir: Path) -> None:
     """A plugin file adds a policy, importing only from ihld; the scheduler runs it."""
     from ihld import BackendSlots, Scheduler, Task
-    from ihld.core.scheduler import Dispatch
+    from ihld.core.tasks import Dispatch
 
     write(plugin_dir, "newest", NEWEST_POLICY)
     host = load(plugin_dir)

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ihld.core.policies import Affinity, Fifo
-from ihld.core.scheduler import BackendSlots, Dispatch, Load, Scheduler, Task, Unload
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import BackendSlots, Dispatch, Load, Task, Unload
 from tests.scheduler_harness import SimJob, SimStage, debate_jobs, run
 
 

@@ -27,7 +27,8 @@ from ihld.core.executor import finalize_request, stage_record
 from ihld.core.jobs import StageSpec
 from ihld.core.parallelism import ParallelWatch
 from ihld.core.policies import Affinity
-from ihld.core.scheduler import BackendSlots, Dispatch, FixedCosts, Load, Scheduler, Task, Unload
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import BackendSlots, Dispatch, FixedCosts, Load, Task, Unload
 from tests.conftest import REPO, DaemonRig, SimProcess, debate_lines, drop
 from tests.fault_peer import start_fault_peer
 from tests.test_fault_matrix import _config, _ends, _run_once

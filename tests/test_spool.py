@@ -114,7 +114,7 @@ def test_unwritable_spool_is_reported_clearly(unwritable_dir: Path) -> None:
 
 
 def test_inflight_log_finds_jobs_running_at_a_crash(spool: Spool) -> None:
-    from ihld.core.spool import InflightLog
+    from ihld.core.inflight import InflightLog
 
     log = InflightLog(spool.inflight_log)
     log.started("a", "s1")

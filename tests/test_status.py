@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from ihld.backends.base import BackendUnavailable
-from ihld.cli.main import render_status
 from ihld.observe.ps_cache import PsCache
 from ihld.observe.status import summary_line
+from ihld.observe.status_view import render_status
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
 

@@ -160,13 +160,6 @@ async def _watch_status(fetch: Any, view: Any, as_json: Any, args: argparse.Name
     return 3 if snap is None else 0
 
 
-def render_status(snap: dict[str, Any]) -> str:
-    """The human view of a ``/status`` snapshot as plain text."""
-    from ihld.observe.status_view import render_text, status_view
-
-    return render_text(status_view(snap))
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from ihld.observe.report import parse_when, summary, write_report
 

@@ -30,8 +30,8 @@ import aiohttp
 
 from ihld.common.fsio import fsync_dir, link_new, write_temp
 from ihld.core.entries import read_entries
+from ihld.core.inbox import JOB_SUFFIXES
 from ihld.core.jobs import default_id_for
-from ihld.core.spool import JOB_SUFFIXES
 
 
 class SubmitError(Exception):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ihld.common.errors import JobError
 from ihld.core.config import load_config
 from ihld.core.entries import read_entries
-from ihld.core.spool import JOB_SUFFIXES
+from ihld.core.inbox import JOB_SUFFIXES
 from ihld.plugins.host import PluginHost
 from ihld.plugins.loader import plugins_for
 

@@ -146,3 +146,22 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     return parse_config(data, source)
+
+
+def live_update(current: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` as far as it can take effect without a restart, and the keys that cannot.
+
+    Backends, the policy and the spool keep their current values until a restart.
+    """
+    restart = []
+    if new.spool.dir != current.spool.dir:
+        restart.append("spool.dir")
+    if new.backends != current.backends:
+        restart.append("backends")
+    if new.scheduler.policy != current.scheduler.policy:
+        restart.append("scheduler.policy")
+    scheduler = new.scheduler.model_copy(update={"policy": current.scheduler.policy})
+    kept = new.model_copy(
+        update={"backends": current.backends, "spool": current.spool, "scheduler": scheduler}
+    )
+    return kept, restart

@@ -14,7 +14,6 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -24,9 +23,10 @@ from ihld.backends.base import Backend
 from ihld.backends.settings import BackendConfig
 from ihld.common.backoff import backoff_delay
 from ihld.core import events
-from ihld.core.actors import ActorLike, StageContext
+from ihld.core.actors import ActorLike
 from ihld.core.commit import GroupCommitter
-from ihld.core.config import Config
+from ihld.core.config import Config, live_update
+from ihld.core.endings import JobEndings
 from ihld.core.executor import (
     ModelUnusable,
     Outcome,
@@ -38,40 +38,20 @@ from ihld.core.executor import (
 )
 from ihld.core.figures import LearnedCosts, ModelFigures
 from ihld.core.health import BackendHealth
+from ihld.core.inflight import InflightLog
 from ihld.core.jobs import RUNNER_OPTIONS
 from ihld.core.models import ModelActions
 from ihld.core.parallelism import ParallelWatch
 from ihld.core.progress import JobProgress
-from ihld.core.scheduler import (
-    Action,
-    BackendSlots,
-    Dispatch,
-    Drop,
-    Load,
-    PolicyFactory,
-    Scheduler,
-    Task,
-    Unload,
-)
-from ihld.core.snapshot import Counts, EngineSnapshot, build
-from ihld.core.spool import InflightLog, Spool
+from ihld.core.scheduler import PolicyFactory, Scheduler
+from ihld.core.snapshot import Counters, EngineSnapshot, build
+from ihld.core.spool import Spool
+from ihld.core.tasks import Action, BackendSlots, Dispatch, Drop, Load, Task, Unload
 
 log = structlog.get_logger("ihld")
 
 # Transient failures of one stage back off from this, doubling, up to the cap.
 TRANSIENT_BACKOFF = (0.5, 30.0)
-
-
-@dataclass
-class Counters:
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    jobs_rejected: int = 0
-    stages_done: int = 0
-    stage_retries: int = 0
-    finished_at: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=100_000)
-    )
 
 
 class Engine:
@@ -138,6 +118,16 @@ class Engine:
         self._dispatching = True
         self._idle = asyncio.Event()
         self._idle.set()
+        self.endings = JobEndings(
+            jobs=self.jobs,
+            scheduler=self.scheduler,
+            committer=self.committer,
+            spool=spool,
+            counters=self.counters,
+            bus=self.events,
+            requests=self._requests,
+            on_empty=self._idle.set,
+        )
 
     @property
     def down(self) -> Mapping[str, str]:
@@ -149,21 +139,8 @@ class Engine:
 
         Backends, the policy and the spool keep their old values until a restart.
         """
-        restart = []
-        if config.spool.dir != self.config.spool.dir:
-            restart.append("spool.dir")
-        if config.backends != self.config.backends:
-            restart.append("backends")
-        if config.scheduler.policy != self.config.scheduler.policy:
-            restart.append("scheduler.policy")
-        scheduler = config.scheduler.model_copy(update={"policy": self.config.scheduler.policy})
-        self.config = config.model_copy(
-            update={
-                "backends": self.config.backends,
-                "spool": self.config.spool,
-                "scheduler": scheduler,
-            }
-        )
+        self.config, restart = live_update(self.config, config)
+        scheduler = self.config.scheduler
         self.scheduler.max_wait_s = scheduler.max_wait_s
         self.scheduler.fair_wait_s = scheduler.fair_wait_s
         self.scheduler.prefetch = scheduler.prefetch
@@ -208,14 +185,12 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         """What status, metrics and the STATUS= line read; nothing else of the engine."""
-        c = self.counters
         return build(
             scheduler=self.scheduler,
             figures=self.figures,
             jobs=self.jobs,
-            counts=Counts(c.jobs_done, c.jobs_failed, c.jobs_rejected, c.stages_done,
-                          c.stage_retries),
-            finished_at=c.finished_at,
+            counts=self.counters.counts(),
+            finished_at=self.counters.finished_at,
             down=self.health.down,
             started=self.started,
             slots=max(b.slots for b in self.config.backends),
@@ -328,13 +303,7 @@ class Engine:
         log.debug("stage_started", attempt=task.attempt, queue_s=round(queued_s, 6))
         if actor is None:
             return StageFailed("unknown_actor", f"actor {stage.actor!r} is not registered")
-        ctx = StageContext(
-            job_id=task.job_id,
-            input=progress.job.input,
-            stage=stage,
-            outputs=MappingProxyType(progress.outputs),
-            attempt=task.attempt,
-        )
+        ctx = progress.context(task.stage, task.attempt)
         keep_alive = cfg.keep_alive if self.scheduler.policy.pins_models else None
         current = asyncio.current_task()
         if current is not None:
@@ -347,23 +316,12 @@ class Engine:
                 keep_alive=keep_alive,
                 timeout_s=self.config.limits.stage_timeout_s,
                 queued_s=queued_s,
-                first_byte_s=self._first_byte_s(task, cfg),
+                first_byte_s=self.scheduler.first_byte_s(
+                    task.model_key, cfg.slots, cfg.read_timeout_s
+                ),
             )
         finally:
             self._requests.pop(task.key, None)
-
-    def _first_byte_s(self, task: Task, cfg: BackendConfig) -> float:
-        """How long the server may hold a request before its first byte.
-
-        A request sent beyond the slots (prefetch) waits at the server for a slot,
-        and a first request may wait for a load: ``read_timeout_s`` (meant for
-        gaps between chunks) plus twice the learned load and the service of the
-        requests ahead of it.
-        """
-        costs = self.scheduler.costs
-        rounds = 1 + -(-self.scheduler.prefetch // max(1, cfg.slots))
-        ahead = costs.load_s(task.model_key) + rounds * costs.service_s(task.model_key)
-        return cfg.read_timeout_s + 2 * ahead
 
     async def _apply(self, task: Task, progress: JobProgress, outcome: Outcome) -> None:
         try:
@@ -443,18 +401,10 @@ class Engine:
             progress.attempts[task.stage] = task.attempt
         now = time.monotonic()
         self.scheduler.add(
-            Task(
-                job_id=task.job_id,
-                stage=task.stage,
-                model_key=task.model_key,
-                model=task.model,
-                priority=task.priority,
-                job_seq=task.job_seq,
-                ready_at=now,
-                job_ready_at=task.job_ready_at,
+            task.again(
+                now,
                 attempt=task.attempt + 1 if counts else task.attempt,
                 not_before=now + delay,
-                options=task.options,
                 setbacks=task.setbacks + 1 if setback else 0,
             )
         )
@@ -470,7 +420,7 @@ class Engine:
             wall_s=done.record["wall_s"],
         )
         self.figures[task.model_key].learn_stage(done.record)
-        self._watch_parallel(task, done.record)
+        self.parallel.watch(self.scheduler, task, done.record)
         self.counters.stages_done += 1
         log.info(
             "stage_finished",
@@ -483,29 +433,11 @@ class Engine:
             truncated=done.record["truncated"] or None,
         )
         if progress.is_complete():
-            await self._finish_job(progress)
+            await self.endings.finish(progress)
         else:
             await self._checkpoint(progress)
             self._enqueue_ready(progress)
         self.events.publish(events.StageFinished(progress.job, stage, done.output, done.record))
-
-    def _watch_parallel(self, task: Task, record: dict[str, Any]) -> None:
-        """Learn when the server runs fewer requests at once than its slots (status says so)."""
-        backend = self.scheduler.backends.get(task.backend or "")
-        resident = backend.resident.get(task.model_key) if backend else None
-        if backend is None or resident is None or resident.parallel is not None:
-            return
-        seen = self.parallel.observe(
-            backend.name,
-            task.model_key,
-            slots=backend.slots,
-            demand=task.demand,
-            finished_at=record["finished_at"],
-            metrics={k: v for k, v in record.items() if isinstance(v, int)},
-        )
-        if seen is not None:
-            self.scheduler.parallel_seen(backend.name, task.model_key, seen)
-            log.warning("parallel_limited", parallel=seen, slots=backend.slots)
 
     def _stage_failed(self, progress: JobProgress, task: Task, error: str, *, final: bool) -> None:
         stage = progress.job.stage(task.stage)
@@ -515,62 +447,11 @@ class Engine:
         """Durably record finished stages before their successors may run."""
         await self.committer.checkpoint(progress.job.id, progress.checkpoint())
 
-    async def _finish_job(self, progress: JobProgress) -> None:
-        job_id = progress.job.id
-        progress.event("job_finished")
-        result = progress.result()
-        truncated = [s["name"] for s in result["stages"] if s.get("truncated")]
-        if truncated:
-            result["truncated_stages"] = truncated
-        await asyncio.shield(self._publish(job_id, result, failed=False))
-        self.counters.jobs_done += 1
-        self.counters.finished_at.append(time.monotonic())
-        log.info(
-            "job_finished", job_id=job_id, elapsed_s=round(time.time() - progress.claimed_at, 6)
-        )
-        self.events.publish(events.JobFinished(progress.job, result))
-
     async def fail_job(
         self, progress: JobProgress, stage: str | None, kind: str, message: str, **extra: Any
     ) -> None:
-        job_id = progress.job.id
-        if self.jobs.get(job_id) is not progress:
-            return
-        progress.event("job_failed", stage=stage, kind=kind)
-        record = progress.failure(stage, kind, message, **extra)
-        self.scheduler.cancel_job(job_id, [s.name for s in progress.job.stages])
-        await asyncio.shield(self._publish(job_id, record, failed=True))
-        for stage_spec in progress.job.stages:  # a request still out for it ends now
-            request = self._requests.get((job_id, stage_spec.name))
-            if request is not None and request is not asyncio.current_task():
-                request.cancel()
-        self.counters.jobs_failed += 1
-        log.warning("job_failed", job_id=job_id, stage=stage, kind=kind, error=message)
-        self.events.publish(events.JobFailed(job_id, progress.job, record["error"]))
-
-    async def _publish(self, job_id: str, record: dict[str, Any], *, failed: bool) -> None:
-        """Publish the final record, then drop the checkpoint: the job leaves memory.
-
-        The committer keeps order, so every checkpoint of this job asked for
-        earlier is on disk before the result, and none can re-appear after
-        the checkpoint is removed.
-        """
-        self.jobs.pop(job_id, None)
-        await self.committer.final(job_id, record, failed=failed)
-        self.spool.remove_checkpoint(job_id)  # an unlink; recovery tidies up if it is lost
-        if not self.jobs:
-            self._idle.set()
+        await self.endings.fail(progress, stage, kind, message, **extra)
 
     async def expire_deadlines(self) -> None:
         """Fail jobs whose deadline passed: the only way an outage fails a job."""
-        now = time.time()
-        for progress in list(self.jobs.values()):
-            if progress.deadline_at is not None and now >= progress.deadline_at:
-                waiting: list[str | None] = [*sorted(progress.running)] or [None]
-                await self.fail_job(
-                    progress,
-                    waiting[0],
-                    "deadline",
-                    "job deadline passed before it finished (deadline_s / [limits] job_deadline_s)",
-                    backends_down=dict(self.health.down) or None,
-                )
+        await self.endings.expire_deadlines(self.health.down)

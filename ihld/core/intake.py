@@ -23,9 +23,10 @@ from ihld.common.fsio import numbered_names
 from ihld.core.batches import manifest
 from ihld.core.entries import Entry, read_entries
 from ihld.core.formats import IntakeFormat
+from ihld.core.inbox import InboxFile
 from ihld.core.jobs import Job, JobSpec
 from ihld.core.progress import JobProgress
-from ihld.core.spool import InboxFile, Spool
+from ihld.core.spool import Spool
 
 Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
 

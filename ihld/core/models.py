@@ -20,7 +20,8 @@ from ihld.common.backoff import backoff_delay
 from ihld.core.figures import ModelFigures
 from ihld.core.health import BackendHealth
 from ihld.core.parallelism import ParallelWatch
-from ihld.core.scheduler import Load, Scheduler, Unload
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import Load, Unload
 
 log = structlog.get_logger("ihld")
 

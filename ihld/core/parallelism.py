@@ -18,6 +18,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from ihld.core.scheduler import Scheduler
+    from ihld.core.tasks import Task
+
+log = structlog.get_logger("ihld")
 
 # A span overlapping another by less than this share of the shorter one is
 # clock noise between the server's durations and our arrival times.
@@ -73,3 +82,22 @@ class ParallelWatch:
     def forget(self, backend: str, key: str) -> None:
         """The model was (re)loaded: what the old runner did no longer says anything."""
         self._spans.pop((backend, key), None)
+
+    def watch(self, scheduler: Scheduler, task: Task, record: Mapping[str, Any]) -> None:
+        """Learn from a finished stage when the server runs fewer requests at once than its
+        slots; the scheduler then counts that many (status says so)."""
+        backend = scheduler.backends.get(task.backend or "")
+        resident = backend.resident.get(task.model_key) if backend else None
+        if backend is None or resident is None or resident.parallel is not None:
+            return
+        seen = self.observe(
+            backend.name,
+            task.model_key,
+            slots=backend.slots,
+            demand=task.demand,
+            finished_at=record["finished_at"],
+            metrics={k: v for k, v in record.items() if isinstance(v, int)},
+        )
+        if seen is not None:
+            scheduler.parallel_seen(backend.name, task.model_key, seen)
+            log.warning("parallel_limited", parallel=seen, slots=backend.slots)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
+from ihld.core.actors import StageContext
 from ihld.core.jobs import Job, StageSpec
 
 
@@ -33,6 +35,16 @@ class JobProgress:
     arrived: float = field(default_factory=time.monotonic)  # for wait bounds; not persisted
 
     # -- state ------------------------------------------------------------------
+
+    def context(self, stage: str, attempt: int) -> StageContext:
+        """What the actor of ``stage`` may read: the input and the outputs so far (read-only)."""
+        return StageContext(
+            job_id=self.job.id,
+            input=self.job.input,
+            stage=self.job.stage(stage),
+            outputs=MappingProxyType(self.outputs),
+            attempt=attempt,
+        )
 
     def ready_stages(self) -> list[StageSpec]:
         """Stages not done or running whose ``needs`` are all done."""

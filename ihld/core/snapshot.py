@@ -7,6 +7,7 @@ the JSON that ``GET /status`` returns.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -57,6 +58,26 @@ class Counts:
     jobs_rejected: int = 0
     stages_done: int = 0
     stage_retries: int = 0
+
+
+@dataclass
+class Counters:
+    """The engine's running counts (mutable); ``counts()`` is their frozen copy."""
+
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    jobs_rejected: int = 0
+    stages_done: int = 0
+    stage_retries: int = 0
+    finished_at: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=100_000)
+    )
+
+    def counts(self) -> Counts:
+        return Counts(
+            self.jobs_done, self.jobs_failed, self.jobs_rejected, self.stages_done,
+            self.stage_retries,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,21 @@ import errno
 import fcntl
 import itertools
 import os
-import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ihld.common import failpoints, jsonsafe
-from ihld.common.errors import JobError, SpoolError
+from ihld.common.errors import SpoolError
 from ihld.common.fsio import fsync_dir, link_free, replace_durably, sync_data, write_temp
+from ihld.core.inbox import (
+    InboxFile,
+    _kind,
+    read_job_file,
+)
+from ihld.core.inflight import read_inflight
 
-JOB_SUFFIXES = (".json", ".jsonl")
 _seq = itertools.count()
 
 
@@ -52,43 +55,6 @@ def encode_record(record: dict[str, Any], *, compact: bool = False) -> bytes:
     """Results are indented for people; checkpoints, rewritten after every stage, are
     compact (the indenting encoder is three times slower)."""
     return (jsonsafe.dumps(record, compact=compact) + "\n").encode("utf-8")
-
-
-@dataclass(frozen=True)
-class InboxFile:
-    """A name seen in the inbox and what ``lstat`` said of it."""
-
-    name: str
-    size: int
-    mtime_ns: int
-    kind: str  # "file", "symlink", "dir", "fifo", "socket", "other"
-
-    @property
-    def suffix(self) -> str:
-        return os.path.splitext(self.name)[1]
-
-    @property
-    def stem(self) -> str:
-        return os.path.splitext(self.name)[0]
-
-
-def is_candidate(name: str) -> bool:
-    """Names ihld may claim: not dotfiles, not ``*.tmp``, ending in .json or .jsonl."""
-    return not name.startswith(".") and not name.endswith(".tmp") and name.endswith(JOB_SUFFIXES)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "other"
 
 
 class Spool:
@@ -233,48 +199,7 @@ class Spool:
 
     def read_claimed(self, path: Path, max_bytes: int) -> bytes:
         """Read a claimed file safely: no symlinks, no FIFOs, no hard links, bounded size."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise JobError(
-                    "a symlink is not a job file; ihld never follows links", kind="symlink"
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise JobError(
-                    "file is not readable by the daemon (permission denied)", kind="unreadable"
-                ) from None
-            if exc.errno == errno.ENXIO:
-                raise JobError("not a regular file (socket)", kind="not_regular") from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise JobError(f"not a regular file ({_kind(st.st_mode)})", kind="not_regular")
-            if st.st_nlink > 1:
-                raise JobError(
-                    "file has other hard links; copy it instead of linking", kind="hard_link"
-                )
-            if st.st_size > max_bytes:
-                raise JobError(
-                    f"file is {st.st_size} bytes, over the limit of {max_bytes} "
-                    "([limits] max_job_bytes)",
-                    kind="too_large",
-                )
-            chunks = []
-            remaining = max_bytes + 1
-            while remaining > 0:
-                chunk = os.read(fd, min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                remaining -= len(chunk)
-            data = b"".join(chunks)
-            if len(data) > max_bytes:
-                raise JobError(f"file grew over the limit of {max_bytes} bytes", kind="too_large")
-            return data
-        finally:
-            os.close(fd)
+        return read_job_file(path, max_bytes)
 
     def reject_claimed(self, path: Path) -> Path | None:
         """Keep a rejected file's bytes under ``failed/inputs`` (never lose a job)."""
@@ -481,29 +406,9 @@ class Spool:
             "failed": max(0, count(self.failed) - (1 if self.failed_inputs.exists() else 0)),
         }
 
-    # -- the in-flight log ----------------------------------------------------
-
     def read_inflight(self) -> dict[str, int]:
-        """Jobs with a stage started but not finished when the last daemon died, with counts."""
-        try:
-            text = self.inflight_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return {}
-        open_stages: dict[tuple[str, str], int] = {}
-        for line in text.splitlines():
-            parts = line.split(" ")
-            if len(parts) != 3:
-                continue
-            mark, job_id, stage = parts
-            key = (job_id, stage)
-            if mark == "S":
-                open_stages[key] = open_stages.get(key, 0) + 1
-            elif mark == "F":
-                open_stages.pop(key, None)
-        crashed: dict[str, int] = {}
-        for job_id, _stage in open_stages:
-            crashed[job_id] = 1
-        return crashed
+        """Jobs with a stage started but not finished when the last daemon died."""
+        return read_inflight(self.inflight_log)
 
     def iter_tmp_files(self) -> Iterator[Path]:
         """Temp files a crash left behind (never visible to readers; safe to delete)."""
@@ -511,35 +416,6 @@ class Spool:
             for path in directory.iterdir():
                 if path.name.startswith(".") and path.name.endswith(".tmp"):
                     yield path
-
-
-class InflightLog:
-    """Append-only ``S job stage`` / ``F job stage`` lines, unsynced on purpose.
-
-    It only has to survive the death of the process (the page cache does),
-    not a power cut: its use is to find the jobs that were running when the
-    daemon crashed, so a job that crashes it again and again becomes poison.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
-        self.write_errors = 0
-
-    def started(self, job_id: str, stage: str) -> None:
-        self._write(f"S {job_id} {stage}\n".encode())
-
-    def finished(self, job_id: str, stage: str) -> None:
-        self._write(f"F {job_id} {stage}\n".encode())
-
-    def _write(self, line: bytes) -> None:
-        """Never raise: a full disk must not stop a stage (this log is advice for poison checks)."""
-        try:
-            os.write(self._fd, line)
-        except OSError:
-            self.write_errors += 1
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 def _make_group_inbox(path: Path) -> None:

@@ -27,7 +27,8 @@ import structlog
 from watchfiles import awatch
 
 from ihld.common import failpoints, jsonsafe
-from ihld.core.spool import InboxFile, Spool, is_candidate
+from ihld.core.inbox import InboxFile, is_candidate
+from ihld.core.spool import Spool
 
 log = structlog.get_logger("ihld.core.watcher")
 

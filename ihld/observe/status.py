@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ihld.core.scheduler import ModelState
 from ihld.core.snapshot import EngineSnapshot
+from ihld.core.tasks import ModelState
 
 
 def status_document(

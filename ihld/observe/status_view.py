@@ -159,3 +159,6 @@ def render_text(renderable: Any, width: int = 110) -> str:
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
+def render_status(snap: dict[str, Any]) -> str:
+    """The human view of a ``/status`` document as plain text."""
+    return render_text(status_view(snap))

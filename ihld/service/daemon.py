@@ -31,24 +31,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import structlog
 
-from ihld.backends.base import Backend
-from ihld.backends.llamacpp import LlamaCppBackend
-from ihld.backends.ollama import OllamaBackend, make_session
-from ihld.backends.openai import OpenAIBackend
+from ihld.backends.ollama import make_session
 from ihld.common.backoff import Backoff
 from ihld.common.errors import ConfigError, PluginError
 from ihld.core import events
 from ihld.core.batches import BatchTracker
 from ihld.core.config import Config, load_config
 from ihld.core.engine import Engine
-from ihld.core.intake import Intake, IntakeResult, Resolver
-from ihld.core.jobs import Job, JobSpec
+from ihld.core.inflight import InflightLog
+from ihld.core.intake import Intake, IntakeResult
 from ihld.core.progress import JobProgress
 from ihld.core.scheduler import PolicyFactory
-from ihld.core.spool import InflightLog, Spool
+from ihld.core.spool import Spool
 from ihld.core.watcher import InboxWatcher
 from ihld.observe import logs
 from ihld.observe.control import start_control
@@ -58,17 +54,9 @@ from ihld.observe.status import status_document, summary_line
 from ihld.observe.systemd import Notifier, watchdog_loop
 from ihld.plugins.host import PluginHost
 from ihld.plugins.loader import plugins_for
+from ihld.service.wiring import make_backends, make_resolver, poison, quarantine_checkpoint
 
 log = structlog.get_logger("ihld")
-
-
-def make_resolver(host: PluginHost) -> Resolver:
-    """Intake's resolver: the plugins' pipelines and actors (templates checked up front)."""
-
-    def resolve(spec: JobSpec, job_id: str, source: dict[str, Any]) -> Job:
-        return host.resolve(spec, job_id, source=source)
-
-    return resolve
 
 
 @dataclass
@@ -107,7 +95,7 @@ class Daemon:
             self.host = plugins_for(self.config)
             session = make_session()
             stack.push_async_callback(session.close)
-            backends = self._backends(session)
+            backends = make_backends(self.config.backends, session)
             clean = self.spool.was_clean_shutdown()
             crashed = {} if clean else self.spool.read_inflight()
             inflight_log = InflightLog(self.spool.inflight_log)
@@ -194,18 +182,6 @@ class Daemon:
             listeners=[self.metrics.observe],  # metrics derive from the events (issue 5)
         )
 
-    def _backends(self, session: aiohttp.ClientSession) -> dict[str, Backend]:
-        """One client per configured server, by kind (Ollama, or OpenAI-compatible)."""
-        clients: dict[str, Backend] = {}
-        for b in self.config.backends:
-            if b.kind == "ollama":
-                clients[b.name] = OllamaBackend(b, session)
-            elif b.kind == "llamacpp":
-                clients[b.name] = LlamaCppBackend(b, session, stream=b.stream)
-            else:
-                clients[b.name] = OpenAIBackend(b, session, stream=b.stream)
-        return clients
-
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,12 +235,12 @@ class Daemon:
             try:
                 progress = JobProgress.restore(self.spool.load_checkpoint(job_id))
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                await asyncio.to_thread(self._quarantine_checkpoint, job_id, repr(exc))
+                await asyncio.to_thread(quarantine_checkpoint, self.spool, job_id, repr(exc))
                 continue
             if job_id in crashed:
                 progress.recoveries += 1
                 if progress.recoveries >= self.config.spool.max_recoveries:
-                    await self._poison(progress)
+                    await poison(self.spool, progress)
                     continue
                 progress.event("job_recovered", recoveries=progress.recoveries)
                 self.spool.save_checkpoint(job_id, progress.checkpoint())
@@ -286,29 +262,6 @@ class Daemon:
                 crashed_jobs=len(crashed),
             )
         return len(progresses)
-
-    def _quarantine_checkpoint(self, job_id: str, error: str) -> None:
-        path = self.spool.jobs / f"{job_id}.json"
-        kept = self.spool.failed_inputs / f"checkpoint-{job_id}.json"
-        record = {
-            "id": job_id,
-            "status": "failed",
-            "error": {"stage": None, "kind": "corrupt_checkpoint", "message": error},
-            "source": {"kept_as": str(kept.relative_to(self.spool.root))},
-        }
-        self.spool.publish_failure(job_id, record)
-        path.rename(kept)
-        log.error("checkpoint_corrupt", job_id=job_id, error=error)
-
-    async def _poison(self, progress: JobProgress) -> None:
-        message = (
-            f"the daemon died {progress.recoveries} times while this job was running "
-            "([spool] max_recoveries); quarantined as poison"
-        )
-        record = progress.failure(None, "poison", message)
-        await asyncio.to_thread(self.spool.publish_failure, progress.job.id, record)
-        await asyncio.to_thread(self.spool.remove_checkpoint, progress.job.id)
-        log.error("job_poisoned", job_id=progress.job.id, recoveries=progress.recoveries)
 
     # -- the running daemon ---------------------------------------------------------------
 
@@ -368,9 +321,7 @@ class Daemon:
         while True:
             pause = backoff.next()
             self._intake_paused_until = time.monotonic() + pause + 1.0
-            log.error(
-                "intake_paused", error=str(exc), errno=exc.errno, retry_in_s=round(pause, 3)
-            )
+            log.error("intake_paused", error=str(exc), errno=exc.errno, retry_in_s=round(pause, 3))
             await asyncio.sleep(pause)
             try:
                 for path in self.spool.claimed_files():

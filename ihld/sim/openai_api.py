@@ -22,17 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from ihld.sim.api import BadRequest, CompletionCall
-from ihld.sim.handlers import (
-    STATE,
-    TASK_HEADER,
-    _drop,
-    _Reply,
-    _send_whole,
-    _serve,
-    dumps,
-    json_response,
-    read_call,
-)
+from ihld.sim.handlers import STATE, TASK_HEADER, _serve, read_call
+from ihld.sim.reply import _drop, _Reply, _send_whole, dumps, json_response
 from ihld.sim.stats import RequestRecord
 
 OWNED_BY = "ihld-sim"

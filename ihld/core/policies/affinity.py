@@ -18,15 +18,8 @@ at a time.
 
 from __future__ import annotations
 
-from ihld.core.scheduler import (
-    Action,
-    BackendSlots,
-    ModelState,
-    Resident,
-    Scheduler,
-    Task,
-    Unload,
-)
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import Action, BackendSlots, ModelState, Resident, Task, Unload
 
 
 class Affinity:

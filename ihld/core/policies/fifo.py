@@ -7,7 +7,8 @@ requests arrive, which is exactly what makes a mixed batch thrash.
 
 from __future__ import annotations
 
-from ihld.core.scheduler import Action, BackendSlots, Scheduler, Task
+from ihld.core.scheduler import Scheduler
+from ihld.core.tasks import Action, BackendSlots, Task
 
 
 class Fifo:

@@ -1,0 +1,218 @@
+"""The scheduler's vocabulary: tasks, the actions it answers with, per-backend slots and residency.
+
+Plain data with no behaviour beyond bookkeeping; ``ihld.core.scheduler`` owns
+the state machine that uses them, and re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal, Protocol
+
+
+@dataclass(eq=False)
+class Task:
+    """One stage of one job, ready to run."""
+
+    job_id: str
+    stage: str
+    model_key: str  # the scheduler's model identity (model + runner options)
+    model: str  # the model name sent to the server
+    priority: int = 0
+    job_seq: int = 0  # arrival order of the job (fifo order)
+    ready_at: float = 0.0  # when it became ready (for waits)
+    job_ready_at: float | None = None  # when its job arrived: the wait bound counts per job
+    attempt: int = 1
+    not_before: float = 0.0  # retry backoff: not dispatched before this time
+    backend: str | None = None  # set when dispatched
+    released: bool = False  # its request ended; the slot is free, the outcome not yet applied
+    options: Mapping[str, Any] = field(default_factory=dict)  # runner options (sent with a load)
+    setbacks: int = 0  # transient failures so far (their backoff grows; no attempt counted)
+    demand: int = 0  # requests in flight on its model when it was dispatched (parallelism)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.job_id, self.stage)
+
+    def again(self, now: float, *, attempt: int, not_before: float, setbacks: int) -> Task:
+        """The same stage queued again (a retry or a setback), not yet dispatched."""
+        return dataclasses.replace(
+            self, ready_at=now, attempt=attempt, not_before=not_before, setbacks=setbacks,
+            backend=None, released=False, demand=0,
+        )  # fmt: skip
+
+    @property
+    def waiting_since(self) -> float:
+        """For the wait bound: since its job arrived, so a job's waits add up to one bound."""
+        return self.ready_at if self.job_ready_at is None else min(self.ready_at, self.job_ready_at)
+
+
+class ModelState(Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    DRAINING = "draining"  # no new work; unload when in-flight ends
+    UNLOADING = "unloading"
+
+
+@dataclass
+class Resident:
+    key: str
+    model: str
+    state: ModelState
+    inflight: int = 0  # requests holding a slot
+    finishing: int = 0  # requests ended whose outcome (and successors) is still being saved
+    since: float = 0.0
+    # Requests the server really runs at once, when it is fewer than the backend's
+    # slots (llama.cpp's total_slots; Ollama forces 1 for some architectures).
+    parallel: int | None = None
+    foreign: bool = False  # loaded by someone else; seen in the server's list
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and self.finishing == 0
+
+
+@dataclass
+class BackendSlots:
+    """The scheduler's view of one backend."""
+
+    name: str
+    slots: int = 1
+    max_loaded: int = 1
+    models: frozenset[str] | None = None  # allow-list of model names; None = any
+    up: bool = True
+    resident: dict[str, Resident] = field(default_factory=dict)
+    inflight: int = 0  # all requests in flight on this backend
+    # model -> (kind, message): why this server cannot serve it
+    missing: dict[str, tuple[str, str]] = field(default_factory=dict)
+    load_failures: dict[str, int] = field(default_factory=dict)  # model key -> failures in a row
+    load_retry_at: dict[str, float] = field(default_factory=dict)  # model key -> no load before
+    unloaded_at: dict[str, float] = field(default_factory=dict)  # model -> when ihld unloaded it
+
+    def serves(self, model: str) -> bool:
+        return (self.models is None or model in self.models) and model not in self.missing
+
+    def slots_for(self, resident: Resident) -> int:
+        return min(self.slots, resident.parallel or self.slots)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    task: Task
+    backend: str
+    kind: Literal["dispatch"] = "dispatch"
+
+
+@dataclass(frozen=True)
+class Load:
+    backend: str
+    model_key: str
+    model: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # runner options, as stages send
+    kind: Literal["load"] = "load"
+
+
+@dataclass(frozen=True)
+class Unload:
+    backend: str
+    model_key: str
+    model: str
+    kind: Literal["unload"] = "unload"
+
+
+@dataclass(frozen=True)
+class Drop:
+    """No backend can serve the task's model: its job must fail (``why``: kind, message)."""
+
+    task: Task
+    why: tuple[str, str]
+    kind: Literal["drop"] = "drop"
+
+
+Action = Dispatch | Load | Unload | Drop
+
+
+def same_model(a: str, b: str) -> bool:
+    """One model name as servers list it: case-insensitive, ``:latest`` by default."""
+
+    def norm(name: str) -> str:
+        name = name.strip().lower()
+        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+    return norm(a) == norm(b)
+
+
+class Costs(Protocol):
+    """What a switch costs and what a model's work is worth, in seconds.
+
+    The daemon answers from Ollama's own figures (learned load times and
+    stage times); tests and the discrete-event harness use fixed figures.
+    """
+
+    def load_s(self, model_key: str) -> float: ...
+
+    def service_s(self, model_key: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    load: float = 5.0
+    service: float = 5.0
+
+    def load_s(self, model_key: str) -> float:
+        return self.load
+
+    def service_s(self, model_key: str) -> float:
+        return self.service
+
+
+class ModelQueue:
+    """Ready tasks of one model: highest priority first, then oldest."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Task]] = []
+        self._count = itertools.count()
+        self._removed: set[int] = set()
+        self._ids: dict[tuple[str, str], int] = {}
+
+    def push(self, task: Task, order: float) -> None:
+        n = next(self._count)
+        self._ids[task.key] = n
+        heapq.heappush(self._heap, (-task.priority, order, n, task))
+
+    def _prune(self) -> None:
+        while self._heap and self._heap[0][2] in self._removed:
+            self._removed.discard(heapq.heappop(self._heap)[2])
+
+    def peek(self) -> Task | None:
+        self._prune()
+        return self._heap[0][3] if self._heap else None
+
+    def pop(self) -> Task:
+        self._prune()
+        task = heapq.heappop(self._heap)[3]
+        self._ids.pop(task.key, None)
+        return task
+
+    def remove(self, key: tuple[str, str]) -> bool:
+        n = self._ids.pop(key, None)
+        if n is None:
+            return False
+        self._removed.add(n)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+@dataclass
+class SchedulerStats:
+    dispatched: int = 0
+    loads: int = 0
+    unloads: int = 0
+    switches_forced: int = 0  # switches made because of the wait bound

@@ -32,9 +32,9 @@ RANKS = {
     "cli": 7,
 }
 TOP = {"ihld", "ihld.__main__"}  # the public API (lazy names) and ``python -m ihld``
-MAX_LINES = 450  # "modules of a few hundred lines"; the ones still above are listed below
-# Not split yet: each may shrink, never grow (lower the figure when it shrinks).
-OVER_LIMIT: dict[str, int] = {"ihld.core.engine": 457}
+MAX_LINES = 450  # "modules of a few hundred lines"
+# A module allowed past the limit for now, with its length: it may shrink, never grow.
+OVER_LIMIT: dict[str, int] = {}
 
 
 def module_name(path: Path) -> str:

@@ -109,8 +109,9 @@ async def test_chat_collects_stream_and_metrics(
     result = await make_backend().chat(chat_request(), keep_alive=None)
     assert result.content == DEFAULT_CONTENT
     assert result.done_reason == "stop"
-    assert result.metrics == DEFAULT_METRICS
-    assert set(result.metrics) == set(OLLAMA_METRICS)
+    evaluated = DEFAULT_METRICS["prompt_eval_count"]  # Ollama counts what it evaluated
+    assert result.metrics == {**DEFAULT_METRICS, "prompt_evaluated": evaluated}
+    assert set(result.metrics) == {*OLLAMA_METRICS, "prompt_evaluated"}
     assert all(type(v) is int for v in result.metrics.values())
     assert result.attempts == 1
     assert 0 < result.first_byte_s <= result.wall_s
@@ -197,7 +198,10 @@ async def test_missing_metrics_read_as_zero(
     # Go's Metrics fields are omitempty: absent means zero.
     ollama_peer.enqueue(reply(metrics={"eval_count": 3}))
     result = await make_backend().chat(chat_request(), keep_alive=None)
-    assert result.metrics == {k: (3 if k == "eval_count" else 0) for k in OLLAMA_METRICS}
+    assert result.metrics == {
+        **{k: (3 if k == "eval_count" else 0) for k in OLLAMA_METRICS},
+        "prompt_evaluated": 0,
+    }
 
 
 async def test_first_byte_and_wall_time(ollama_peer: OllamaPeer, make_backend: MakeBackend) -> None:

@@ -390,6 +390,7 @@ async def test_llama_server_timings_map_to_ollama_metrics(
         "usage_prompt_tokens_details_cached_tokens": 2,
         "timings_cache_n": 2,
         "timings_prompt_n": 10,
+        "prompt_evaluated": 10,  # the slot's cache held the other 2
         "timings_predicted_n": 5,
     }
     assert all(type(v) is int for v in result.metrics.values())
@@ -403,6 +404,7 @@ def test_metrics_from_timings_alone_and_from_nothing() -> None:
         "eval_count": 5,
         "timings_cache_n": 2,
         "timings_prompt_n": 10,
+        "prompt_evaluated": 10,  # the slot's cache held the other 2
         "timings_predicted_n": 5,
     }
     assert openai_metrics(None, None) == {}

@@ -291,12 +291,18 @@ async def test_client_against_sim_records_usage_and_task(
     request = ChatRequest(model=QWEN, messages=msgs("x" * 40), options={"num_predict": 5})
     result = await b.chat(request, keep_alive="30m", task_tag="job-1/draft/1")
     assert result.done_reason == "length" and len(result.content.split()) == 5
+    durations = {k: result.metrics.pop(k) for k in ("prompt_eval_duration", "eval_duration")}
+    assert all(ns > 0 for ns in durations.values())  # from the sim's llama-server timings
     assert result.metrics == {
         "prompt_eval_count": 10,
         "eval_count": 5,
         "usage_prompt_tokens": 10,
         "usage_completion_tokens": 5,
         "usage_total_tokens": 15,
+        "prompt_evaluated": 10,  # nothing cached yet
+        "timings_cache_n": 0,
+        "timings_prompt_n": 10,
+        "timings_predicted_n": 5,
     }
     log = await get_json(http, s.url + "/sim/requests")
     assert [(r["task"], r["kind"], r["status"], r["completed"]) for r in log] == [

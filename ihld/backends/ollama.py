@@ -78,6 +78,8 @@ def _metrics(final: Mapping[str, Any]) -> dict[str, int]:
         out[key] = (
             int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
         )
+    # Ollama counts the prompt tokens it evaluated, not those reused from the slot's cache.
+    out["prompt_evaluated"] = out.get("prompt_eval_count", 0)
     return out
 
 

@@ -106,6 +106,8 @@ def openai_metrics(usage: Any, timings: Any) -> dict[str, int]:
         if (ns := _ms_to_ns(timings.get("predicted_ms"))) is not None:
             out["eval_duration"] = ns
         prompt_n = _as_int(timings.get("prompt_n"))
+        if prompt_n is not None:  # evaluated; cache_n were reused from the slot's cache
+            out["prompt_evaluated"] = prompt_n
         if "prompt_eval_count" not in out and prompt_n is not None:
             out["prompt_eval_count"] = prompt_n + (_as_int(timings.get("cache_n")) or 0)
         predicted_n = _as_int(timings.get("predicted_n"))

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     url: str = "http://127.0.0.1:11434"
     # openai: /v1/chat/completions servers; llamacpp: llama.cpp's server, its router driven

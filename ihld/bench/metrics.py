@@ -209,14 +209,23 @@ def sim_slowdown(
 def cost_check(
     results: Iterable[Mapping[str, Any]], predicted: Mapping[tuple[str, str], tuple[int, int]]
 ) -> dict[str, int]:
-    """Compare predicted (prompt, output) tokens with what the simulator reported per stage."""
-    checked = mismatched = 0
+    """Compare predicted (prompt, output) tokens with what the simulator reported per stage.
+
+    Output tokens must match. The prompt is evaluated in full unless a slot's cache
+    held part of it (``prompt_eval_count`` counts what was evaluated, as Ollama's
+    does): at most the predicted count, and ``cached`` counts the stages it was less.
+    """
+    checked = mismatched = cached = 0
     for result in results:
         for stage in result.get("stages", []):
             key = (str(result.get("id")), str(stage.get("name")))
             if key not in predicted or "eval_count" not in stage:
                 continue
             checked += 1
-            if (stage.get("prompt_eval_count"), stage.get("eval_count")) != predicted[key]:
+            prompt, output = predicted[key]
+            evaluated = int(stage.get("prompt_eval_count") or 0)
+            if stage.get("eval_count") != output or not 0 < evaluated <= prompt:
                 mismatched += 1
-    return {"stages": checked, "mismatched": mismatched}
+            elif evaluated < prompt:
+                cached += 1
+    return {"stages": checked, "mismatched": mismatched, "cached": cached}

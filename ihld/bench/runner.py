@@ -37,7 +37,9 @@ from ihld.core.spool import Spool
 from ihld.observe.logs import read_events
 from ihld.sim.profiles import Profile, get_profile
 
-POLICIES = ("fifo", "affinity")
+POLICIES = ("fifo", "affinity", "affinity-plain")
+# Variants: a registered policy with one setting changed (compared side by side).
+VARIANTS = {"affinity-plain": ("affinity", "prompt_cache = false")}
 Progress = Callable[[str], None]
 
 
@@ -66,8 +68,10 @@ def config_text(workload: Workload, policy: str, spool: Path, url: str, speed: f
         f"max_loaded = {workload.max_loaded}",
         "",
         "[scheduler]",
-        f"policy = {json.dumps(policy)}",
+        f"policy = {json.dumps(VARIANTS.get(policy, (policy, ''))[0])}",
     ]
+    if policy in VARIANTS:
+        lines.append(VARIANTS[policy][1])
     if workload.max_wait_s is not None:
         lines.append(f"max_wait_s = {workload.max_wait_s / speed!r}")
     lines += ["", "[log]", "stderr = false", "", "[control]", "grace_s = 5", ""]
@@ -306,6 +310,11 @@ def _wait_bound(plan: Plan, measured: Measured) -> dict[str, Any] | None:
     }
 
 
+def _prompt_evaluated(results: list[dict[str, Any]]) -> int:
+    """Prompt tokens the server evaluated (not reused from a slot's cache), over all stages."""
+    return sum(int(s.get("prompt_evaluated") or 0) for r in results for s in r.get("stages", []))
+
+
 def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> dict[str, Any]:
     """The bench output for one run: the required fields first, then the details."""
     workload = plan.workload
@@ -350,6 +359,7 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         "sim_slowdown": sim_slowdown(record.results, service, opts.speed)
         if workload.slots == 1
         else None,
+        "prompt_evaluated": _prompt_evaluated(record.results),
         "wall_s": record.wall_s,
         "daemon_cpu_s": record.daemon_cpu_s,
         "sim_cpu_s": record.sim_cpu_s,

@@ -245,6 +245,62 @@ def _overhead(jobs: int | None, seed: int) -> Workload:
     )
 
 
+RUBRIC_GROUPS = 8
+RUBRIC_JOBS = 40
+RUBRIC_CRITERIA = (
+    "states the claim it is answering in its first sentence",
+    "supports every claim with a concrete example or a figure",
+    "names the strongest objection and answers it",
+    "keeps to the question asked and leaves out the rest",
+    "uses plain words where plain words will do",
+    "ends with a conclusion that follows from what came before",
+    "gets the facts right, including names, dates and units",
+    "is no longer than the question needs",
+)
+
+
+def rubric(group: int, chars: int = 6_000) -> str:
+    """A long grading rubric (~1,500 tokens), different from the first line for each group."""
+    lines = [f"Rubric {group} of {RUBRIC_GROUPS}: you grade answers for panel {group}."]
+    n = 0
+    while sum(len(line) + 1 for line in lines) < chars:
+        criterion = RUBRIC_CRITERIA[(n * (group + 3)) % len(RUBRIC_CRITERIA)]
+        lines.append(f"{group}.{n + 1}: award a point if the answer {criterion}.")
+        n += 1
+    return "\n".join(lines)[:chars]
+
+
+def rubric_job(n: int, groups: int = RUBRIC_GROUPS, model: str = "qwen2.5:7b") -> dict[str, Any]:
+    """One single-stage grading job; job ``n`` uses rubric ``n % groups`` (interleaved)."""
+    return {
+        "id": f"rubric-{n:04d}",
+        "stages": [{
+            "name": "grade",
+            "actor": "prompt",
+            "model": model,
+            "system": rubric(n % groups),
+            "prompt": "Grade this answer, one line: {input[answer]}",
+            "options": {"num_predict": 12, "temperature": 0},
+        }],
+        "input": {"answer": f"{TOPICS[n % len(TOPICS)]}: it depends (answer {n})."},
+    }  # fmt: skip
+
+
+def _rubrics(jobs: int | None, seed: int) -> Workload:
+    n = jobs or RUBRIC_JOBS
+    return Workload(
+        name="rubrics",
+        description=(
+            f"{n} single-stage grading jobs, {RUBRIC_GROUPS} distinct ~1,500-token rubrics "
+            "(system prompts) interleaved, 4 slots: prompt-cache-aware order pays off"
+        ),
+        profile="laptop-6gb-4slot",
+        slots=4,
+        max_loaded=1,
+        drops=(Drop(0.0, "rubrics.jsonl", tuple(rubric_job(i) for i in range(n))),),
+    )
+
+
 BUILDERS: dict[str, Callable[[int | None, int], Workload]] = {
     "seed": _seed,
     "seed-4slot": _seed_4slot,
@@ -252,6 +308,7 @@ BUILDERS: dict[str, Callable[[int | None, int], Workload]] = {
     "stream": _stream,
     "urgent": _urgent,
     "overhead": _overhead,
+    "rubrics": _rubrics,
 }
 
 

@@ -247,23 +247,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_real(args: argparse.Namespace) -> int:
-    from ihld.bench.real import RUNS, bench_real, table
+    from ihld.bench.real import run_cli
 
-    models = tuple(m.strip() for m in args.models.split(","))
-    runs = tuple(p.strip() for p in args.policy.split(",")) if args.policy else RUNS
-    if len(models) != 2 or args.workload not in ("seed", "aba") or set(runs) - set(RUNS):
-        print("ihld bench --backend: workload aba, two --models A,B, policies among "
-              f"{', '.join(RUNS)}", file=sys.stderr)  # fmt: skip
-        return 2
-    results = asyncio.run(bench_real(
-        args.backend.rstrip("/"), args.kind, jobs=args.jobs or 20, tokens=args.tokens,
-        models=(models[0], models[1]), slots=args.slots, runs=runs,
-    ))  # fmt: skip
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        print(table(results))
-    return 0 if all(r.done == r.jobs for r in results) else 1
+    return run_cli(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ short file.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -103,3 +104,32 @@ def parse_json_reply(content: str, format: JsonFormat | Mapping[str, Any] | None
                 kind="schema_mismatch",
             )
     return value
+
+
+# A shorter prefix costs too little to re-evaluate to be worth ordering work by
+# (about 250 tokens; prompt evaluation runs at ~250 tokens/s per slot on a CPU).
+PREFIX_MIN_CHARS = 1000
+
+
+def prompt_prefix(actor: ActorLike | None, ctx: StageContext) -> str | None:
+    """A key for the long first message this stage's request starts with, or None.
+
+    Requests that share it (a system prompt, a rubric, a document) can reuse a
+    server slot's cached prompt; the scheduler keeps them on one slot in turn.
+    The request is built as the actor will build it at dispatch; an actor that
+    cannot build it yet (or fails) just gets no key.
+    """
+    if actor is None:
+        return None
+    try:
+        request = actor.build_request(ctx)
+    except Exception:
+        return None
+    if not request.messages:
+        return None
+    first = request.messages[0]
+    content = first.get("content") if isinstance(first, Mapping) else None
+    if not isinstance(content, str) or len(content) < PREFIX_MIN_CHARS:
+        return None
+    text = f"{request.model}\0{first.get('role')}\0{content}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()

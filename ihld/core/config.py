@@ -42,6 +42,8 @@ class SchedulerConfig(_Strict):
     fifo_workers: int = Field(default=1, ge=1)  # concurrent jobs under fifo (the seed had 1)
     prefetch: int = Field(default=1, ge=0, le=64)  # requests queued at the server beyond slots
     reconcile_s: float = Field(default=5.0, gt=0)  # read the servers' resident models
+    # order a model's queue so each slot keeps its prompt prefix (llama.cpp/Ollama slot cache)
+    prompt_cache: bool = True
 
 
 class PluginsConfig(_Strict):

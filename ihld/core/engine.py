@@ -39,7 +39,6 @@ from ihld.core.executor import (
 from ihld.core.figures import LearnedCosts, ModelFigures
 from ihld.core.health import BackendHealth
 from ihld.core.inflight import InflightLog
-from ihld.core.jobs import RUNNER_OPTIONS
 from ihld.core.models import ModelActions
 from ihld.core.parallelism import ParallelWatch
 from ihld.core.progress import JobProgress
@@ -91,6 +90,7 @@ class Engine:
             fair_wait_s=config.scheduler.fair_wait_s,
             fifo_workers=config.scheduler.fifo_workers,
             prefetch=config.scheduler.prefetch,
+            prompt_cache=config.scheduler.prompt_cache,
             costs=LearnedCosts(self.figures),
         )
         self.jobs: dict[str, JobProgress] = {}
@@ -145,6 +145,7 @@ class Engine:
         self.scheduler.fair_wait_s = scheduler.fair_wait_s
         self.scheduler.prefetch = scheduler.prefetch
         self.scheduler.fifo_workers = scheduler.fifo_workers
+        self.scheduler.prompt_cache = scheduler.prompt_cache
         self.kick()
         return restart
 
@@ -157,23 +158,9 @@ class Engine:
         self.kick()
 
     def _enqueue_ready(self, progress: JobProgress) -> None:
-        now = time.monotonic()
-        for stage in progress.ready_stages():
-            progress.running.add(stage.name)
-            self.scheduler.add(
-                Task(
-                    job_id=progress.job.id,
-                    stage=stage.name,
-                    model_key=stage.model_key(),
-                    model=stage.model or "",
-                    priority=progress.job.priority,
-                    job_seq=progress.seq,
-                    ready_at=now,
-                    job_ready_at=progress.arrived,
-                    attempt=progress.attempts.get(stage.name, 0) + 1,
-                    options={k: v for k, v in stage.options.items() if k in RUNNER_OPTIONS},
-                )
-            )
+        actors = self.actors() if self.scheduler.prompt_cache else None
+        for task in progress.ready_tasks(time.monotonic(), actors):
+            self.scheduler.add(task)
 
     def kick(self) -> None:
         self._kick.set()

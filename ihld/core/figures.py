@@ -23,6 +23,7 @@ class ModelFigures:
     service_s_ewma: float | None = None  # wall time of one stage
     tokens_per_s_ewma: float | None = None
     stages: int = 0
+    prompt_evaluated: int = 0  # prompt tokens the server evaluated (not reused from a cache)
 
     def learn_load(self, seconds: float) -> None:
         self.loads += 1
@@ -33,6 +34,7 @@ class ModelFigures:
 
     def learn_stage(self, record: Mapping[str, Any]) -> None:
         self.stages += 1
+        self.prompt_evaluated += int(record.get("prompt_evaluated") or 0)
         # The server's own compute time: wall time also holds waits for a slot
         # (requests kept queued at the server) and ihld's round trip.
         compute_ns = int(record.get("prompt_eval_duration") or 0) + int(

@@ -8,12 +8,14 @@ restarted daemon resumes each job at its first unfinished stage.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ihld.core.actors import StageContext
-from ihld.core.jobs import Job, StageSpec
+from ihld.core.actors import ActorLike, StageContext, prompt_prefix
+from ihld.core.jobs import RUNNER_OPTIONS, Job, StageSpec
+from ihld.core.tasks import Task
 
 
 def _now() -> float:
@@ -45,6 +47,35 @@ class JobProgress:
             outputs=MappingProxyType(self.outputs),
             attempt=attempt,
         )
+
+    def ready_tasks(self, now: float, actors: Mapping[str, ActorLike] | None = None) -> list[Task]:
+        """The stages that became ready, as scheduler tasks (now marked running).
+
+        With ``actors``, each task carries its prompt's prefix key (prompt-cache order).
+        """
+        tasks = []
+        for stage in self.ready_stages():
+            self.running.add(stage.name)
+            attempt = self.attempts.get(stage.name, 0) + 1
+            prefix = None
+            if actors is not None:
+                prefix = prompt_prefix(actors.get(stage.actor), self.context(stage.name, attempt))
+            tasks.append(
+                Task(
+                    job_id=self.job.id,
+                    stage=stage.name,
+                    model_key=stage.model_key(),
+                    model=stage.model or "",
+                    priority=self.job.priority,
+                    job_seq=self.seq,
+                    ready_at=now,
+                    job_ready_at=self.arrived,
+                    attempt=attempt,
+                    options={k: v for k, v in stage.options.items() if k in RUNNER_OPTIONS},
+                    prefix=prefix,
+                )
+            )
+        return tasks
 
     def ready_stages(self) -> list[StageSpec]:
         """Stages not done or running whose ``needs`` are all done."""

@@ -83,6 +83,7 @@ class Scheduler:
         fifo_workers: int = 1,
         costs: Costs | None = None,
         prefetch: int = 1,
+        prompt_cache: bool = True,
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.costs: Costs = costs or FixedCosts()
@@ -90,6 +91,7 @@ class Scheduler:
         self.fair_wait_s = fair_wait_s
         self.fifo_workers = fifo_workers
         self.prefetch = prefetch
+        self.prompt_cache = prompt_cache  # order within a model's queue by slot prompt caches
         self.queues: dict[str, ModelQueue] = {}
         self.model_names: dict[str, str] = {}
         self.model_options: dict[str, Mapping[str, Any]] = {}
@@ -140,6 +142,7 @@ class Scheduler:
         backend = self.backends.get(task.backend or "")
         if backend is None:
             return
+        backend.prompts.ended(task)
         backend.inflight = max(0, backend.inflight - 1)
         resident = backend.resident.get(task.model_key)
         if resident is not None:
@@ -159,6 +162,7 @@ class Scheduler:
             if resident is not None:
                 resident.finishing = max(0, resident.finishing - 1)
             return
+        backend.prompts.ended(task)
         backend.inflight = max(0, backend.inflight - 1)
         if resident is not None:
             resident.inflight = max(0, resident.inflight - 1)
@@ -186,6 +190,7 @@ class Scheduler:
     def unloaded(self, backend: str, model_key: str, now: float = 0.0) -> None:
         state = self.backends[backend]
         resident = state.resident.pop(model_key, None)
+        state.prompts.forget(model_key)
         if resident is not None:
             state.unloaded_at[resident.model] = now
 
@@ -296,9 +301,25 @@ class Scheduler:
             while len(queue):
                 actions.append(Drop(queue.pop(), why))
 
-    def dispatch(self, backend: BackendSlots, queue: ModelQueue, actions: list[Action]) -> None:
-        """Send the head of ``queue`` to ``backend`` (a policy's decision)."""
-        task = queue.pop()
+    def dispatch(
+        self,
+        backend: BackendSlots,
+        queue: ModelQueue,
+        actions: list[Action],
+        *,
+        in_order: bool = False,
+    ) -> None:
+        """Send the head of ``queue`` to ``backend`` (a policy's decision).
+
+        With ``prompt_cache``, the head's priority level is searched (a short window)
+        for a request whose long prompt prefix a slot already holds and no other
+        request of it is running: each slot works through one prefix group while the
+        others serve other groups, instead of every slot evaluating every prefix.
+        ``in_order``: the head, whatever the caches hold (``fifo``, the job-by-job baseline).
+        """
+        prompts = backend.prompts
+        task = queue.pop_best(prompts.score) if self.prompt_cache and not in_order else queue.pop()
+        prompts.dispatched(task, backend.slots)
         task.backend = backend.name
         self.inflight[task.key] = task
         backend.inflight += 1
@@ -308,6 +329,12 @@ class Scheduler:
             task.demand = resident.inflight
         self.stats.dispatched += 1
         actions.append(Dispatch(task, backend.name))
+
+    def prefetch_ok(self, task: Task) -> bool:
+        """May ``task`` be sent beyond the slots, to wait at the server? Not one with a long
+        prompt prefix under ``prompt_cache``: it would take whichever slot frees first and
+        evict that slot's prefix, when waiting a moment keeps it on its own group's slot."""
+        return not (self.prompt_cache and task.prefix is not None)
 
     def load(self, backend: BackendSlots, key: str, now: float, actions: list[Action]) -> None:
         """Load ``key`` on ``backend`` (a policy's decision): resident as LOADING from now."""

@@ -28,6 +28,7 @@ class ModelView:
     load_s_total: float | None = None
     stage_s: float | None = None
     tokens_per_s: float | None = None
+    prompt_evaluated: int | None = None  # prompt tokens the server evaluated
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ready": self.ready, "in_flight": self.in_flight, "done": self.done}
@@ -38,6 +39,8 @@ class ModelView:
             out["stage_s"] = self.stage_s
         if self.tokens_per_s is not None:
             out["tokens_per_s"] = self.tokens_per_s
+        if self.prompt_evaluated is not None:
+            out["prompt_evaluated"] = self.prompt_evaluated
         return out
 
 
@@ -190,6 +193,7 @@ def build(
             done=learned.stages,
             loads=learned.loads,
             load_s_total=round(learned.load_s_total, 3),
+            prompt_evaluated=learned.prompt_evaluated,
             stage_s=None if learned.service_s_ewma is None else round(learned.service_s_ewma, 3),
             tokens_per_s=None
             if learned.tokens_per_s_ewma is None

@@ -1,7 +1,7 @@
 """The scheduler's vocabulary: tasks, the actions it answers with, per-backend slots and residency.
 
 Plain data with no behaviour beyond bookkeeping; ``ihld.core.scheduler`` owns
-the state machine that uses them, and re-exports every name here.
+the state machine that uses them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -34,6 +35,7 @@ class Task:
     options: Mapping[str, Any] = field(default_factory=dict)  # runner options (sent with a load)
     setbacks: int = 0  # transient failures so far (their backoff grows; no attempt counted)
     demand: int = 0  # requests in flight on its model when it was dispatched (parallelism)
+    prefix: str | None = None  # its prompt's long leading part, as a key (prompt-cache order)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -77,6 +79,57 @@ class Resident:
         return self.inflight == 0 and self.finishing == 0
 
 
+class SlotPrompts:
+    """What ihld believes a backend's slots hold: the prompt prefixes sent last.
+
+    llama.cpp's server (and Ollama's runner, built on it) keeps each slot's KV
+    cache and gives a request the idle slot whose cached prompt shares the
+    longest prefix with it (llama.cpp ``server``: ``get_available_slot`` with
+    ``--slot-prompt-similarity``; Ollama ``runner``: ``LoadCacheSlot``), so
+    only the rest of the prompt is evaluated. Which slot holds what is not
+    visible; ihld keeps the last ``slots`` distinct prefixes it dispatched per
+    model (an LRU, one per slot) and how many of each are in flight.
+    """
+
+    def __init__(self) -> None:
+        self.warm: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.inflight: Counter[tuple[str, str]] = Counter()
+
+    def score(self, task: Task) -> int:
+        """Lower dispatches first: 0 a warm prefix no slot is working on (its slot is
+        idle and holds it), 1 no shared prefix, 2 a cold prefix, 3 a prefix in flight
+        (a second slot would evaluate it again)."""
+        if task.prefix is None:
+            return 1
+        key = (task.model_key, task.prefix)
+        if self.inflight[key]:
+            return 3
+        return 0 if key in self.warm else 2
+
+    def dispatched(self, task: Task, slots: int) -> None:
+        if task.prefix is None:
+            return
+        key = (task.model_key, task.prefix)
+        self.inflight[key] += 1
+        self.warm[key] = None
+        self.warm.move_to_end(key)
+        while len(self.warm) > max(1, slots):
+            self.warm.popitem(last=False)
+
+    def ended(self, task: Task) -> None:
+        if task.prefix is None:
+            return
+        key = (task.model_key, task.prefix)
+        self.inflight[key] -= 1
+        if self.inflight[key] <= 0:
+            del self.inflight[key]
+
+    def forget(self, model_key: str) -> None:
+        """The model left the server: its slots' caches went with it."""
+        for key in [k for k in self.warm if k[0] == model_key]:
+            del self.warm[key]
+
+
 @dataclass
 class BackendSlots:
     """The scheduler's view of one backend."""
@@ -93,6 +146,7 @@ class BackendSlots:
     load_failures: dict[str, int] = field(default_factory=dict)  # model key -> failures in a row
     load_retry_at: dict[str, float] = field(default_factory=dict)  # model key -> no load before
     unloaded_at: dict[str, float] = field(default_factory=dict)  # model -> when ihld unloaded it
+    prompts: SlotPrompts = field(default_factory=SlotPrompts)  # prompt prefixes its slots hold
 
     def serves(self, model: str) -> bool:
         return (self.models is None or model in self.models) and model not in self.missing
@@ -198,6 +252,24 @@ class ModelQueue:
         task = heapq.heappop(self._heap)[3]
         self._ids.pop(task.key, None)
         return task
+
+    def pop_best(self, score: Callable[[Task], int], window: int = 32) -> Task:
+        """Of the first ``window`` tasks at the head's priority, the one ``score`` ranks
+        lowest (oldest first among equals). The rest keep their places."""
+        taken: list[tuple[int, float, int, Task]] = []
+        while self._heap and len(taken) < window:
+            entry = heapq.heappop(self._heap)
+            if entry[2] in self._removed:
+                self._removed.discard(entry[2])
+                continue
+            taken.append(entry)
+        top = taken[0][0]
+        best = min(range(len(taken)), key=lambda i: (taken[i][0] != top, score(taken[i][3]), i))
+        chosen = taken.pop(best)
+        for entry in taken:
+            heapq.heappush(self._heap, entry)
+        self._ids.pop(chosen[3].key, None)
+        return chosen[3]
 
     def remove(self, key: tuple[str, str]) -> bool:
         n = self._ids.pop(key, None)

@@ -88,6 +88,12 @@ class CompletionCall:
             return [dict(m) for m in self.messages]
         return [self.system, self.prompt]
 
+    def prompt_text(self) -> str:
+        """The prompt as the slot cache sees it: each message's role and content, in order."""
+        if self.endpoint == "chat":
+            return "".join(f"<{m.get('role')}>{m.get('content') or ''}" for m in self.messages)
+        return f"<system>{self.system}<user>{self.prompt}"
+
     def prompt_chars(self) -> int:
         if self.endpoint == "chat":
             return sum(len(str(m.get("content") or "")) for m in self.messages)

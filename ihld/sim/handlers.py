@@ -351,9 +351,13 @@ async def _run(
         if end > n_thought:
             await reply.chunk("".join(tokens[max(start, n_thought) - n_thought : end - n_thought]))
 
-    async with runner.slot(state.stats):
+    async with runner.slot(state.stats, call.prompt_text()) as shared_chars:
+        # The slot's cached prefix is not evaluated again (at least one token is).
+        cached = min(n_prompt - 1, prompt_tokens(shared_chars)) if shared_chars else 0
+        n_eval = n_prompt - cached
+        reply.cached_tokens = cached
         began_prompt = time.monotonic()
-        prompt_s = n_prompt / spec.prompt_tps / speed
+        prompt_s = n_eval / spec.prompt_tps / speed
         # Phases run back to back on the model's clock: decoding is due to start
         # when the prompt is due to end, so a late wake-up is not added twice.
         due = began_prompt + (prompt_s if math.isfinite(prompt_s) else 0.0)
@@ -369,7 +373,7 @@ async def _run(
     metrics = {
         "total_duration": _ns(time.monotonic() - started),
         "load_duration": _ns(loaded - started),
-        "prompt_eval_count": n_prompt,
+        "prompt_eval_count": n_eval,  # Ollama counts what it evaluated, not the cache
         "prompt_eval_duration": _ns(began_eval - began_prompt),
         "eval_count": n_thought + limit,
         "eval_duration": _ns(ended_eval - began_eval),

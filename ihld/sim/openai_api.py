@@ -214,9 +214,8 @@ class _OpenAIReply(_Reply):
         text = data if isinstance(data, str) else dumps(data)
         await self._write(f"data: {text}\n\n".encode())
 
-    @staticmethod
-    def _usage(final: Mapping[str, Any]) -> dict[str, int]:
-        prompt = int(final.get("prompt_eval_count", 0))
+    def _usage(self, final: Mapping[str, Any]) -> dict[str, int]:
+        prompt = int(final.get("prompt_eval_count", 0)) + self.cached_tokens
         completion = int(final.get("eval_count", 0))
         return {
             "prompt_tokens": prompt,
@@ -224,11 +223,23 @@ class _OpenAIReply(_Reply):
             "total_tokens": prompt + completion,
         }
 
+    def _timings(self, final: Mapping[str, Any]) -> dict[str, float]:
+        """llama-server's ``timings``: what the slot evaluated (``prompt_n``) and reused
+        from its cache (``cache_n``)."""
+        return {
+            "cache_n": self.cached_tokens,
+            "prompt_n": int(final.get("prompt_eval_count", 0)),
+            "prompt_ms": int(final.get("prompt_eval_duration", 0)) / 1e6,
+            "predicted_n": int(final.get("eval_count", 0)),
+            "predicted_ms": int(final.get("eval_duration", 0)) / 1e6,
+        }
+
     def _completion(self, final: Mapping[str, Any], done_reason: str) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(self.parts)}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done_reason}
         obj = self._object("chat.completion", [choice])
         obj["usage"] = self._usage(final)
+        obj["timings"] = self._timings(final)
         return obj
 
     async def thought(self, text: str) -> None:
@@ -247,7 +258,9 @@ class _OpenAIReply(_Reply):
         if not self.call.stream:
             obj = self._completion(final, done_reason)
             return await _send_whole(self.request, self.rec, obj, done_reason)
-        await self._event(self._chunk({}, done_reason))
+        closing = self._chunk({}, done_reason)
+        closing["timings"] = self._timings(final)  # llama-server sends them in the last chunk
+        await self._event(closing)
         if self.include_usage:
             last = self._object("chat.completion.chunk", [])
             last["usage"] = self._usage(final)

@@ -65,6 +65,7 @@ class _Reply:
         self.parts: list[str] = []
         self.thinking: list[str] = []
         self.resp: web.StreamResponse | None = None
+        self.cached_tokens = 0  # prompt tokens the slot's cache held (not evaluated)
 
     def _stream_response(self) -> web.StreamResponse:
         """A streamed response, not yet prepared: NDJSON."""

@@ -88,6 +88,8 @@ class Affinity:
                 head = queue.peek()
                 if head is None or head.priority < self._top_inflight(backend, resident.key):
                     break
+                if not self.s.prefetch_ok(head):
+                    break
                 self.s.dispatch(backend, queue, actions)
 
     def _top_inflight(self, backend: BackendSlots, key: str) -> int:

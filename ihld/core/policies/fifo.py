@@ -37,4 +37,4 @@ class Fifo:
                     best = candidate
             if best is None:
                 return
-            self.s.dispatch(backend, self.s.queues[best[2]], actions)
+            self.s.dispatch(backend, self.s.queues[best[2]], actions, in_order=True)

@@ -218,3 +218,13 @@ def test_table_is_markdown() -> None:
     lines = table([row]).splitlines()
     assert lines[0].startswith("| workload") and lines[1].startswith("|---")
     assert "2.000" in lines[2] and "50.0 %" in lines[2]
+
+
+def test_multi_backend_workloads_run_beside_one_backend() -> None:
+    """``--workload multi-2`` runs the seed jobs on 1 and 2 simulated GPUs, side by side."""
+    rows = bench("--workload", "multi-2", "--jobs", "8", "--speed", "200")
+    assert [r["backends"] for r in rows] == [1, 2]
+    assert all(r["done"] == 8 and r["failed"] == 0 for r in rows)
+    one, two = rows
+    assert one["speedup_vs_1"] == 1.0
+    assert two["speedup_vs_1"] == round(one["makespan_s"] / two["makespan_s"], 3) > 1.0

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ihld.observe.report import load_run, parse_when, render_html, write_report
-from ihld.observe.report_build import build_run
+from ihld.observe.report_model import build_run
 from tests.conftest import IHLD, REPO
 
 DATA = Path(__file__).parent / "data" / "run.jsonl"

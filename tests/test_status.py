@@ -32,7 +32,8 @@ def snap(**changes: Any) -> dict[str, Any]:
         "load_s_total": 6.9,
         "models": {
             "qwen2.5:7b": {"ready": 1450, "in_flight": 4, "done": 700, "loads": 2,
-                           "load_s_total": 4.0, "stage_s": 3.21, "tokens_per_s": 88.1},
+                           "load_s_total": 4.0, "stage_s": 3.21, "tokens_per_s": 88.1,
+                           "prompt_evaluated": 31250},
             "gemma2:9b": {"ready": 0, "in_flight": 0, "done": 312, "loads": 1,
                           "load_s_total": 2.3, "stage_s": 3.5},
         },
@@ -81,7 +82,8 @@ def test_render_status_is_a_compact_human_view() -> None:
     assert "loads 3 (6.9 s loading)" in text
     assert "312 done" in text and "1452 in progress" in text
     row = next(line for line in lines if line.startswith("qwen2.5:7b"))
-    assert row.split() == ["qwen2.5:7b", "1450", "4", "700", "3.21", "88", "2", "4.0", "s"]
+    assert row.split() == ["qwen2.5:7b", "1450", "4", "700", "3.21", "88", "31,250", "2", "4.0",
+                           "s"]  # fmt: skip
     backend = next(line for line in lines if line.startswith("local"))
     assert "up" in backend and "4/4" in backend and "qwen2.5:7b (loaded)" in backend
     assert "qwen2.5:7b 4.4 GiB VRAM" in backend  # Ollama's own view

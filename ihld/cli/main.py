@@ -252,6 +252,9 @@ def cmd_bench_real(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+MULTI = ("multi-1", "multi-2", "multi-4")  # the seed workload on 1, 2, 4 simulated GPUs
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.backend:
         return cmd_bench_real(args)
@@ -260,10 +263,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ihld.observe.logs import configure_logging
 
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    if workloads and all(w in MULTI for w in workloads):
+        from ihld.bench.multi import bench_multi
+
+        return bench_multi(workloads, jobs=args.jobs or 400, speed=args.speed, as_json=args.json)
     policies = [p.strip() for p in (args.policy or "fifo,affinity").split(",") if p.strip()]
     for name in workloads:
         if name not in BUILDERS:
-            print(f"ihld bench: unknown workload {name!r}; known: {', '.join(BUILDERS)}",
+            print(f"ihld bench: unknown workload {name!r}; known: {', '.join([*BUILDERS, *MULTI])}",
                   file=sys.stderr)  # fmt: skip
             return 2
     for policy in policies:

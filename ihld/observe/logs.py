@@ -51,14 +51,8 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from ihld.observe.logs_read import (
-    read_events,
-)
-from ihld.observe.logs_render import (
-    _describe,
-    _dumps,
-    _render,
-)
+from ihld.observe.logs_read import read_events
+from ihld.observe.logs_render import _describe, _dumps, _render
 
 __all__ = [
     "LOG_FILE",
@@ -128,7 +122,7 @@ def stderr_is_journal() -> bool:
         return False
 
 
-# -- rendering ---------------------------------------------------------------
+# -- processors --------------------------------------------------------------
 
 
 class _LevelFilter:

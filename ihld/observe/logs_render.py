@@ -12,13 +12,6 @@ from typing import Any
 
 from structlog.typing import EventDict, WrappedLogger
 
-from ihld.observe.logs_read import (
-    epoch as epoch,
-)
-from ihld.observe.logs_read import (
-    read_events as read_events,
-)
-
 _CONTEXT_KEYS = ("job_id", "stage", "model", "backend")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

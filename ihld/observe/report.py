@@ -19,10 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ihld.observe.logs import read_events
-from ihld.observe.report_build import build_run
-from ihld.observe.report_format import fmt_pct, fmt_s
-from ihld.observe.report_html import render_html
-from ihld.observe.report_model import Run
+from ihld.observe.report_html import fmt_pct, fmt_s, render_html
+from ihld.observe.report_model import Run, build_run
 
 __all__ = ["build_run", "parse_when", "render_html", "summary", "write_report"]
 

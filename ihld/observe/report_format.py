@@ -6,7 +6,7 @@ import html
 import math
 from datetime import UTC, datetime
 
-from ihld.observe.report_model import Run
+from ihld.observe.report_run import Run
 
 # Model colours (Tableau 10 without its red and green, kept for states).
 PALETTE = (

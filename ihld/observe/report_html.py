@@ -7,6 +7,11 @@ be mailed, archived or opened from a hardened host. Hover titles (SVG
 The drawing is bounded whatever the run's size: per lane, stages narrower
 than a pixel are merged with their neighbours of the same model, and the
 utilization row and queue chart are binned per pixel column.
+
+This module assembles the page (legend, CSS, layout); the pictures are in
+``report_svg``, the tables in ``report_tables`` and the shared colours,
+geometry and number formats in ``report_format``. The names that used to
+be defined here are re-exported.
 """
 
 from __future__ import annotations
@@ -14,16 +19,29 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from ihld import __version__
-from ihld.observe.report_format import (
-    LEFT,
-    STATE_COLOURS,
-    STATE_LABELS,
-    _colours,
-    clock,
-    esc,
-    fmt_s,
-)
-from ihld.observe.report_model import Run
+from ihld.observe.report_format import DASH as DASH
+from ihld.observe.report_format import LANE_GAP as LANE_GAP
+from ihld.observe.report_format import LANE_H as LANE_H
+from ihld.observe.report_format import LEFT as LEFT
+from ihld.observe.report_format import MODELS_H as MODELS_H
+from ihld.observe.report_format import PALETTE as PALETTE
+from ihld.observe.report_format import PLOT as PLOT
+from ihld.observe.report_format import RIGHT as RIGHT
+from ihld.observe.report_format import STATE_COLOURS as STATE_COLOURS
+from ihld.observe.report_format import STATE_LABELS as STATE_LABELS
+from ihld.observe.report_format import UTIL_H as UTIL_H
+from ihld.observe.report_format import WIDTH as WIDTH
+from ihld.observe.report_format import Scale as Scale
+from ihld.observe.report_format import _colours
+from ihld.observe.report_format import clock as clock
+from ihld.observe.report_format import esc as esc
+from ihld.observe.report_format import fmt_num as fmt_num
+from ihld.observe.report_format import fmt_pct as fmt_pct
+from ihld.observe.report_format import fmt_s as fmt_s
+from ihld.observe.report_run import BackendTotals as BackendTotals
+from ihld.observe.report_run import ModelTotals as ModelTotals
+from ihld.observe.report_run import Run as Run
+from ihld.observe.report_run import StageRun as StageRun
 from ihld.observe.report_svg import (
     queue_svg,
     timeline_svg,
@@ -33,14 +51,6 @@ from ihld.observe.report_tables import (
     _cards,
     _model_table,
 )
-
-# -- the timeline ---------------------------------------------------------------------
-
-
-# -- queue depth ----------------------------------------------------------------------
-
-
-# -- the page -------------------------------------------------------------------------
 
 
 def _legend(run: Run) -> str:

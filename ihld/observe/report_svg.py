@@ -23,7 +23,7 @@ from ihld.observe.report_format import (
     fmt_pct,
     fmt_s,
 )
-from ihld.observe.report_model import BackendTotals, Run, StageRun
+from ihld.observe.report_run import BackendTotals, Run, StageRun
 
 
 def _merge_bars(

@@ -12,7 +12,7 @@ from ihld.observe.report_format import (
     fmt_pct,
     fmt_s,
 )
-from ihld.observe.report_model import BackendTotals, ModelTotals, Run
+from ihld.observe.report_run import BackendTotals, ModelTotals, Run
 
 
 def _cards(run: Run, totals: dict[str, BackendTotals], models: dict[str, ModelTotals]) -> str:

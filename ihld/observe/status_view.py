@@ -70,7 +70,9 @@ def status_view(snap: dict[str, Any]) -> Any:
         f" · {jobs['in_progress']} in progress · {jobs['rejected']} rejected",
     )
     models = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
-    for column in ("model", "ready", "in flight", "done", "stage s", "tok/s", "loads", "loading"):
+    columns = ("model", "ready", "in flight", "done", "stage s", "tok/s", "prompt eval", "loads",
+               "loading")  # fmt: skip
+    for column in columns:
         models.add_column(column, justify="left" if column == "model" else "right")
     for name, row in sorted(snap["models"].items()):
         models.add_row(
@@ -80,6 +82,7 @@ def status_view(snap: dict[str, Any]) -> Any:
             str(row["done"]),
             f"{row['stage_s']:.2f}" if "stage_s" in row else "-",
             f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else "-",
+            f"{row['prompt_evaluated']:,}" if row.get("prompt_evaluated") else "-",
             str(row.get("loads", 0)),
             f"{row.get('load_s_total', 0.0):.1f} s",
         )

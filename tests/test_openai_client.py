@@ -702,4 +702,4 @@ async def test_version_probe_and_url_with_v1(
     with pytest.raises(ProtocolError, match="did not answer a model list"):
         await backend.version()
     ollama_peer.enqueue(models_reply(MODEL), path=MODELS)
-    assert [m["id"] for m in await backend.list_models()] == [MODEL]
+    assert [m["id"] for m in await backend._models_once(backend._timeout)] == [MODEL]

@@ -32,8 +32,8 @@ def test_prepare_creates_layout_with_group_writable_inbox(spool: Spool) -> None:
 
 
 def test_publish_never_overwrites(spool: Spool) -> None:
-    assert spool.publish_result("a", {"v": 1}) == spool.outbox / "a.json"
-    assert spool.publish_result("a", {"v": 2}) is None
+    assert spool.publish(spool.outbox, "a", {"v": 1}) == spool.outbox / "a.json"
+    assert spool.publish(spool.outbox, "a", {"v": 2}) is None
     assert json.loads((spool.outbox / "a.json").read_text()) == {"v": 1}
     assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")]
 
@@ -141,7 +141,7 @@ def test_failpoint_raise(spool: Spool) -> None:
     failpoints.configure("result.before_publish:enospc")
     try:
         with pytest.raises(OSError, match="No space left"):
-            spool.publish_result("z", {})
+            spool.publish(spool.outbox, "z", {})
     finally:
         failpoints.configure("")
     assert not (spool.outbox / "z.json").exists()

@@ -367,11 +367,6 @@ class OpenAIBackend(HttpBackend):
         """None: these servers do not report what is resident."""
         return None
 
-    async def list_models(self) -> list[dict[str, Any]]:
-        """The served models: ``/v1/models``'s ``data`` (id, object, created, owned_by)."""
-        models, _ = await self._retrying("models", None, lambda: self._models_once(self._timeout))
-        return models
-
     async def version(self) -> str:
         """The health probe: one ``GET /v1/models`` with a short timeout, no retries.
 

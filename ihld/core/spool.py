@@ -338,9 +338,6 @@ class Spool:
             fsync_dir(self.outbox)
         return target
 
-    def publish_result(self, job_id: str, record: dict[str, Any]) -> Path | None:
-        return self.publish(self.outbox, job_id, record)
-
     def publish_failure(self, name: str, record: dict[str, Any], *, first: int = 1) -> Path:
         """Publish an error record; a taken name gets ``~2``, ``~3`` … (never clobbered).
 

@@ -6,6 +6,7 @@ as absolute times: the machine is shared and noisy.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -228,3 +229,44 @@ def test_multi_backend_workloads_run_beside_one_backend() -> None:
     one, two = rows
     assert one["speedup_vs_1"] == 1.0
     assert two["speedup_vs_1"] == round(one["makespan_s"] / two["makespan_s"], 3) > 1.0
+
+
+def test_speed_free_makespan_counts_idle_time_as_it_passed() -> None:
+    """Work counts at the speed factor; the server's idle time (ihld's own) as real time."""
+    from datetime import UTC, datetime
+
+    from ihld.bench.metrics import speed_free_makespan
+
+    def at(seconds: float) -> str:
+        return datetime.fromtimestamp(1_000 + seconds, UTC).isoformat()
+
+    events = [
+        {"event": "job_claimed", "job_id": "a", "timestamp": at(0)},
+        {"event": "job_claimed", "job_id": "b", "timestamp": at(0)},
+        {"event": "job_finished", "job_id": "a", "timestamp": at(60)},
+        {"event": "job_finished", "job_id": "b", "timestamp": at(100)},
+    ]
+    # the simulator started 10 s before the claims; it worked 0-30 s and 50-90 s into the run
+    stats = {"started_at": 990.0, "work": [[5.0, 40.0], [60.0, 100.0], [150.0, 160.0]]}
+    assert speed_free_makespan(events, ["a", "b"], stats, 10.0) == pytest.approx(
+        10 * (30 + 40) + (100 - 70)
+    )
+    assert speed_free_makespan(events, ["a", "b"], {}, 10.0) is None
+
+
+async def test_the_simulator_reports_when_it_worked(sim_factory: Any) -> None:
+    import aiohttp
+
+    sim = sim_factory(speed=500.0)
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "qwen2.5:7b", "stream": False, "options": {"num_predict": 3},
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        for _ in range(2):
+            async with http.post(sim.url + "/api/chat", json=body) as resp:
+                assert resp.status == 200
+        async with http.get(sim.url + "/sim/stats") as resp:
+            stats = await resp.json()
+    spans = stats["work"]
+    assert spans and all(a < b for a, b in spans)  # the load and the two requests
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
+    assert spans[-1][1] <= stats["uptime_s"]

@@ -229,3 +229,35 @@ def cost_check(
             elif evaluated < prompt:
                 cached += 1
     return {"stages": checked, "mismatched": mismatched, "cached": cached}
+
+
+def speed_free_makespan(
+    events: Sequence[Mapping[str, Any]],
+    job_ids: Iterable[str],
+    stats: Mapping[str, Any],
+    speed: float,
+) -> float | None:
+    """The makespan as if the daemon ran against a server at speed 1.
+
+    The simulator divides the work it models by ``speed``, but not ihld's own
+    time between requests (its round trips, checkpoints, dispatch), which the
+    plain makespan then multiplies by ``speed``: the ratio to the bound grows
+    with the speed although the schedule is the same. Here the time the server
+    was working (a request running or a model loading: ``/sim/stats`` ``work``)
+    counts at ``speed``, and the time it sat idle counts as it passed, so the
+    figure is what the same schedule would take at speed 1.
+    """
+    wanted = set(job_ids)
+    times = [t for k, t in job_times(events).items() if k in wanted]
+    claims = [t.claimed for t in times if t.claimed is not None]
+    ends = [t.finished for t in times if t.finished is not None]
+    origin = stats.get("started_at")
+    if not claims or not ends or not isinstance(origin, int | float):
+        return None
+    start, end = min(claims), max(ends)
+    busy = 0.0
+    for a, b in stats.get("work") or []:
+        lo, hi = max(start, origin + a), min(end, origin + b)
+        if hi > lo:
+            busy += hi - lo
+    return speed * busy + (end - start - busy)

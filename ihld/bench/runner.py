@@ -28,7 +28,13 @@ from typing import Any
 
 from ihld.bench.bound import Bound, Server, critical_path_s, lower_bound, ratio
 from ihld.bench.costs import JobCost, job_costs
-from ihld.bench.metrics import Measured, cost_check, measure, sim_slowdown
+from ihld.bench.metrics import (
+    Measured,
+    cost_check,
+    measure,
+    sim_slowdown,
+    speed_free_makespan,
+)
 from ihld.bench.procs import BenchError, DaemonProcess, SimProcess, wait_for
 from ihld.bench.workloads import Workload
 from ihld.client.submit import control_request, submit_file
@@ -327,6 +333,7 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         arrivals=record.arrivals,
     )
     loads = {m: int(n) for m, n in sorted(record.stats.get("loads", {}).items())}
+    free = speed_free_makespan(record.events, [j.id for j in plan.costs], record.stats, opts.speed)
     predicted = {
         (j.id, s.name): (s.prompt_tokens, s.output_tokens) for j in plan.costs for s in j.stages
     }
@@ -337,6 +344,8 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         "makespan_s": measured.makespan_s,
         "lower_bound_s": plan.bound.makespan_s,
         "ratio": ratio(measured.makespan_s, plan.bound.makespan_s),
+        "ratio_speed_free": None if free is None else ratio(free, plan.bound.makespan_s),
+        "makespan_speed_free_s": free,
         "loads": sum(loads.values()),
         "slot_occupancy": measured.slot_occupancy,
         "p50_latency_s": measured.p50_latency_s,

@@ -38,6 +38,9 @@ class RequestRecord:
     fault: str | None = None
 
 
+WORK_LIMIT = 200_000  # busy intervals kept (the oldest go first)
+
+
 class SimStats:
     """Counters and the request log; all times are real (wall) seconds."""
 
@@ -46,6 +49,7 @@ class SimStats:
         self._clock = clock
         self._active: dict[str, int] = {}
         self._busy_since: dict[str, float] = {}
+        self._working_since: float | None = None  # some request of any model running
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +68,11 @@ class SimStats:
         self.max_resident = 0
         self.faults_injected: Counter[str] = Counter()
         self.log: deque[RequestRecord] = deque(maxlen=LOG_LIMIT)
+        # When the server was working (a request running or a model loading), merged:
+        # [start, end] in seconds since the start. The bench counts the rest as idle.
+        self.work: list[list[float]] = []
+        if self._working_since is not None:
+            self._working_since = now
         for model, active in self._active.items():
             if active > 0:
                 self._busy_since[model] = now
@@ -83,6 +92,24 @@ class SimStats:
     def note_load(self, model: str, seconds: float) -> None:
         self.loads[model] += 1
         self.load_seconds += seconds
+        now = self._clock()
+        self._worked(now - seconds, now)
+
+    def _worked(self, start: float, end: float) -> None:
+        start = max(start, self.started_mono) - self.started_mono
+        end -= self.started_mono
+        if end <= start:
+            return
+        if self.work and start <= self.work[-1][1] + 1e-6:
+            self.work[-1][1] = max(self.work[-1][1], end)
+            return
+        for span in reversed(self.work[-8:]):  # a load that ended after a request began
+            if start <= span[1] and end >= span[0]:
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+                return
+        self.work.append([start, end])
+        if len(self.work) > WORK_LIMIT:
+            del self.work[: len(self.work) - WORK_LIMIT]
 
     def note_aborted_load(self, model: str) -> None:
         self.aborted_loads[model] += 1
@@ -102,6 +129,8 @@ class SimStats:
         self._active[model] = active
         if active == 1:
             self._busy_since[model] = self._clock()
+        if self._working_since is None:
+            self._working_since = self._clock()
         self.max_concurrent[model] = max(self.max_concurrent.get(model, 0), active)
 
     def slot_freed(self, model: str) -> None:
@@ -110,6 +139,9 @@ class SimStats:
         if active == 0 and model in self._busy_since:
             began = self._busy_since.pop(model)
             self.busy_seconds[model] = self.busy_seconds.get(model, 0.0) + self._clock() - began
+        if self._working_since is not None and not any(self._active.values()):
+            self._worked(self._working_since, self._clock())
+            self._working_since = None
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as JSON (GET /sim/stats)."""
@@ -130,6 +162,7 @@ class SimStats:
             "faults_injected": dict(self.faults_injected),
             "started_at": self.started_at,
             "uptime_s": round(now - self.started_mono, 6),
+            "work": [[round(a, 6), round(b, 6)] for a, b in self.work],
             "speed": self.speed,
         }
 

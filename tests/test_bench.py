@@ -252,6 +252,10 @@ def test_speed_free_makespan_counts_idle_time_as_it_passed() -> None:
         10 * (30 + 40) + (100 - 70)
     )
     assert speed_free_makespan(events, ["a", "b"], {}, 10.0) is None
+    # a simulator 25 % slower than its model: its working time counts at the modelled rate
+    assert speed_free_makespan(events, ["a", "b"], stats, 10.0, lag=0.25) == pytest.approx(
+        10 * 70 / 1.25 + 30
+    )
 
 
 async def test_the_simulator_reports_when_it_worked(sim_factory: Any) -> None:

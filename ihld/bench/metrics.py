@@ -236,6 +236,7 @@ def speed_free_makespan(
     job_ids: Iterable[str],
     stats: Mapping[str, Any],
     speed: float,
+    lag: float | None = None,
 ) -> float | None:
     """The makespan as if the daemon ran against a server at speed 1.
 
@@ -245,7 +246,10 @@ def speed_free_makespan(
     with the speed although the schedule is the same. Here the time the server
     was working (a request running or a model loading: ``/sim/stats`` ``work``)
     counts at ``speed``, and the time it sat idle counts as it passed, so the
-    figure is what the same schedule would take at speed 1.
+    figure is what the same schedule would take at speed 1. ``lag`` is the
+    simulator's own slowness (``sim_slowdown``: its slot time over the modelled
+    one, minus 1); where it is known, the working time is counted at the
+    modelled rate, so neither the daemon's speed nor the simulator's shows.
     """
     wanted = set(job_ids)
     times = [t for k, t in job_times(events).items() if k in wanted]
@@ -260,4 +264,5 @@ def speed_free_makespan(
         lo, hi = max(start, origin + a), min(end, origin + b)
         if hi > lo:
             busy += hi - lo
-    return speed * busy + (end - start - busy)
+    modelled = busy / (1.0 + lag) if lag is not None and lag > -1.0 else busy
+    return speed * modelled + (end - start - busy)

@@ -333,11 +333,14 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         arrivals=record.arrivals,
     )
     loads = {m: int(n) for m, n in sorted(record.stats.get("loads", {}).items())}
-    free = speed_free_makespan(record.events, [j.id for j in plan.costs], record.stats, opts.speed)
+    service = {(j.id, s.name): s.service_s for j in plan.costs for s in j.stages}
+    lag = sim_slowdown(record.results, service, opts.speed) if workload.slots == 1 else None
+    free = speed_free_makespan(
+        record.events, [j.id for j in plan.costs], record.stats, opts.speed, lag
+    )
     predicted = {
         (j.id, s.name): (s.prompt_tokens, s.output_tokens) for j in plan.costs for s in j.stages
     }
-    service = {(j.id, s.name): s.service_s for j in plan.costs for s in j.stages}
     out: dict[str, Any] = {
         "workload": workload.name,
         "policy": policy,
@@ -365,9 +368,7 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         "bound_terms": plan.bound.terms,
         "max_queue_wait_s": {str(p): w for p, w in sorted(measured.max_wait_s.items())},
         "cost_check": cost_check(record.results, predicted),
-        "sim_slowdown": sim_slowdown(record.results, service, opts.speed)
-        if workload.slots == 1
-        else None,
+        "sim_slowdown": lag,
         "prompt_evaluated": _prompt_evaluated(record.results),
         "wall_s": record.wall_s,
         "daemon_cpu_s": record.daemon_cpu_s,

@@ -165,3 +165,4 @@ def test_rubrics_on_the_simulator_evaluate_fewer_prompt_tokens() -> None:
     assert plain["done"] == aware["done"] == 24
     # 8 rubrics, 3 jobs each: each rubric evaluated about once, not three times
     assert aware["prompt_evaluated"] * 2 < plain["prompt_evaluated"]
+

@@ -230,3 +230,31 @@ def test_prefetch_keeps_one_request_queued_at_the_server() -> None:
     sched.next_actions(0)
     sched.loaded("b", "m", 0)
     assert [type(a) for a in sched.next_actions(0)] == [Dispatch, Dispatch]
+
+
+def test_slots_stay_free_while_an_overdue_job_needs_another_model() -> None:
+    """The urgent job's stage is being saved; its successor needs a model not resident:
+    no lower-priority work is started on the resident one (the switch would wait for it)."""
+    sched = Scheduler([BackendSlots("b", slots=1)], policy=Affinity, prefetch=1, max_wait_s=10.0)
+    urgent = Task("urgent", "proposer", "qwen", "qwen", priority=10, ready_at=0.0,
+                  job_ready_at=0.0, successors=frozenset({"gemma"}))  # fmt: skip
+    sched.add(urgent)
+    for n in range(3):
+        sched.add(Task(f"seed{n}", "judge", "qwen", "qwen", ready_at=0.0))
+    sched.next_actions(0.0)
+    sched.loaded("b", "qwen", 0.0)
+    (first,) = [a.task for a in sched.next_actions(1.0) if isinstance(a, Dispatch)]
+    assert first is urgent  # and nothing of lower priority is prefetched behind it
+    sched.release(urgent)  # its reply is in; it is being checkpointed
+    assert not [a for a in sched.next_actions(11.0) if isinstance(a, Dispatch)]
+    early = Scheduler([BackendSlots("b", slots=1)], policy=Affinity, prefetch=1,
+                      max_wait_s=1000.0)  # fmt: skip
+    early.add(Task("urgent", "proposer", "qwen", "qwen", priority=10, ready_at=0.0,
+                   job_ready_at=0.0, successors=frozenset({"gemma"})))  # fmt: skip
+    early.add(Task("seed0", "judge", "qwen", "qwen", ready_at=0.0))
+    early.next_actions(0.0)
+    early.loaded("b", "qwen", 0.0)
+    (head,) = [a.task for a in early.next_actions(1.0) if isinstance(a, Dispatch)]
+    early.release(head)
+    # far from its wait bound: the slot is fed as usual
+    assert [a.task.job_id for a in early.next_actions(2.0) if isinstance(a, Dispatch)] == ["seed0"]

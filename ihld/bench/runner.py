@@ -335,8 +335,11 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
     loads = {m: int(n) for m, n in sorted(record.stats.get("loads", {}).items())}
     service = {(j.id, s.name): s.service_s for j in plan.costs for s in j.stages}
     lag = sim_slowdown(record.results, service, opts.speed) if workload.slots == 1 else None
-    free = speed_free_makespan(
-        record.events, [j.id for j in plan.costs], record.stats, opts.speed, lag
+    ids = [j.id for j in plan.costs]
+    free = (  # idle time waiting for arrivals is part of a timed workload's schedule
+        speed_free_makespan(record.events, ids, record.stats, opts.speed, lag)
+        if workload.kind == "batch"
+        else None
     )
     predicted = {
         (j.id, s.name): (s.prompt_tokens, s.output_tokens) for j in plan.costs for s in j.stages

@@ -73,6 +73,9 @@ class JobProgress:
                     attempt=attempt,
                     options={k: v for k, v in stage.options.items() if k in RUNNER_OPTIONS},
                     prefix=prefix,
+                    successors=frozenset(
+                        s.model_key() for s in self.job.stages if stage.name in (s.needs or ())
+                    ),
                 )
             )
         return tasks

@@ -36,6 +36,7 @@ class Task:
     setbacks: int = 0  # transient failures so far (their backoff grows; no attempt counted)
     demand: int = 0  # requests in flight on its model when it was dispatched (parallelism)
     prefix: str | None = None  # its prompt's long leading part, as a key (prompt-cache order)
+    successors: frozenset[str] = frozenset()  # model keys of the stages that need this one
 
     @property
     def key(self) -> tuple[str, str]:

@@ -80,6 +80,9 @@ class Affinity:
             queue = self.s.queues.get(resident.key)
             slots = backend.slots_for(resident)
             while queue is not None and len(queue) and resident.inflight < slots:
+                head = queue.peek()
+                if head is not None and self._holding_for(backend, head, now):
+                    break
                 self.s.dispatch(backend, queue, actions)
             # Prefetch only work at least as urgent as what runs: an urgent job's next
             # stage (elsewhere) must not wait behind a prefetched batch request.
@@ -88,9 +91,25 @@ class Affinity:
                 head = queue.peek()
                 if head is None or head.priority < self._top_inflight(backend, resident.key):
                     break
-                if not self.s.prefetch_ok(head):
+                if not self.s.prefetch_ok(head) or self._holding_for(backend, head, now):
                     break
                 self.s.dispatch(backend, queue, actions)
+
+    def _holding_for(self, backend: BackendSlots, head: Task, now: float) -> bool:
+        """Keep slots free for an overdue job: one of its stages runs (or is being saved)
+        here and its successor needs a model this backend does not hold. Feeding more
+        of ``head``'s lower-priority work would only lengthen the drain before the
+        switch that successor forces."""
+        for task in self.s.inflight.values():
+            if task.backend != backend.name or task.priority <= head.priority:
+                continue
+            missing = [key for key in task.successors if key not in backend.resident]
+            if not missing:
+                continue
+            lead = min(self._switch_lead(backend, key) for key in missing)
+            if now - task.waiting_since + lead >= self.s.max_wait_s:
+                return True
+        return False
 
     def _top_inflight(self, backend: BackendSlots, key: str) -> int:
         top = -(2**62)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ihld.plugins.loader import load_plugins
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, drop
+from tests.test_plugins import NEWEST_POLICY  # the policy plugin of test_hook_register_policies
 
 PROMPTS_FORMAT = '''
 """Lines {"ask": ..., "model": ...} become jobs; answers go to <file>.answers.jsonl."""
@@ -54,24 +55,6 @@ class Prompts:
 @hookimpl
 def register_intake_formats(register):
     register(Prompts())
-'''
-
-NEWEST_POLICY = '''
-from ihld import Affinity, Task, hookimpl
-
-
-class Newest(Affinity):
-    """Affinity, but the newest ready stage of a model first."""
-
-    name = "newest"
-
-    def queue_order(self, task: Task) -> float:
-        return -task.ready_at
-
-
-@hookimpl
-def register_policies(register):
-    register("newest", Newest)
 '''
 
 

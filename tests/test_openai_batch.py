@@ -117,3 +117,29 @@ def test_batch_round_trip(
     assert not (rig.spool / "work" / "batches").exists() or not list(
         (rig.spool / "work" / "batches").iterdir()
     )
+
+
+def test_a_manifest_written_before_formats_were_plugins_still_completes(tmp_path: Any) -> None:
+    """An upgrade with a batch half done: its old-style manifest (custom_id per line, no
+    format) is read as openai-batch, and the batch's files are written from the records."""
+    from ihld.core.batches import BatchTracker
+    from ihld.core.spool import Spool
+    from ihld.plugins.openai_batch import OpenAIBatchFormat
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    stage = {"name": "chat", "model": "m", "output": "hi", "eval_count": 1, "backend": "b"}
+    spool.publish(spool.outbox, "old.1", {"id": "old.1", "stages": [stage], "finished_at": 1.0})
+    spool.publish_failure("old.2", {"id": "old.2", "error": {"kind": "bad_request",
+                                                             "message": "no"}})  # fmt: skip
+    legacy = {"batch": "old", "claim": "old.jsonl", "created_at": 0.0, "lines": [
+        {"job_id": "old.1", "custom_id": "a", "line": 1},
+        {"job_id": "old.2", "custom_id": "b", "line": 2},
+    ]}  # fmt: skip
+    tracker = BatchTracker(spool, {"openai-batch": OpenAIBatchFormat()})
+    assert tracker.register(legacy) == "old"  # both lines had ended
+    tracker.assemble("old")
+    (ok,) = [json.loads(x) for x in (spool.outbox / "old.output.jsonl").read_text().splitlines()]
+    (bad,) = [json.loads(x) for x in (spool.outbox / "old.errors.jsonl").read_text().splitlines()]
+    assert ok["custom_id"] == "a" and ok["response"]["body"]["choices"][0]["message"]["content"]
+    assert bad["custom_id"] == "b" and bad["error"]["code"] == "bad_request"

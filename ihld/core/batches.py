@@ -52,10 +52,6 @@ class BatchTracker:
         self._remaining: dict[str, set[str]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}
 
-    def save(self, name: str, value: dict[str, Any]) -> None:
-        """Blocking: write a manifest durably (intake, before the jobs' checkpoints)."""
-        self.spool.save_json(self.directory, name, value)
-
     def load_all(self) -> list[str]:
         """Read every manifest (start-up); returns batches already complete."""
         complete = []

@@ -153,9 +153,13 @@ class Runner:
 
 
 def _shared(a: str, b: str) -> int:
-    """How many leading characters ``a`` and ``b`` have in common."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    """How many leading characters ``a`` and ``b`` have in common (bisection: the
+    comparisons run in C, not a Python loop over every character)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -62,14 +62,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ihld.core.store import count_jobs, read_progress
+
 REPO = Path(__file__).resolve().parent.parent
 IHLD = [sys.executable, "-m", "ihld"]
 
 # Every fail point in ihld's file code (ihld/common/failpoints.py lists them).
 CLAIM_POINTS = ("claim.before_rename", "claim.after_rename")
-INTAKE_POINTS = ("intake.after_job_saved", "intake.before_release")
+INTAKE_POINTS = ("store.intake_before_commit", "intake.after_job_saved", "intake.before_release")
 WORK_POINTS = (
+    "store.progress_mid_write",
     "checkpoint.before_publish",
+    "checkpoint.before_remove",
     "checkpoint.after_publish",
     "checkpoint.after_remove",
     "result.before_publish",
@@ -189,18 +193,12 @@ def debate_job(job_id: str) -> dict[str, Any]:
 
 
 def finished_stages(spool: Path) -> tuple[set[tuple[str, str]], list[str]]:
-    """Stages finished on disk (checkpoint outputs, results), and files that did not parse."""
+    """Stages finished on disk (progress in the job store, results), and files that did not
+    parse (the store is SQLite's: a torn write there is rolled back, never read)."""
     done: set[tuple[str, str]] = set()
     corrupt: list[str] = []
-    for path in (spool / "work" / "jobs").glob("*.json"):
-        try:
-            record = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            continue
-        except ValueError:
-            corrupt.append(str(path.relative_to(spool)))
-            continue
-        done |= {(record["job"]["id"], stage) for stage in record["outputs"]}
+    for job_id, progress in read_progress(spool / "work" / "queue.db").items():
+        done |= {(job_id, stage) for stage in progress["outputs"]}
     for path in (spool / "outbox").glob("*.json"):
         try:
             record = json.loads(path.read_bytes())
@@ -212,8 +210,8 @@ def finished_stages(spool: Path) -> tuple[set[tuple[str, str]], list[str]]:
 
 
 def in_progress(spool: Path) -> int:
-    """Jobs checkpointed but not finished, plus claimed files, right now."""
-    jobs = sum(1 for p in (spool / "work" / "jobs").glob("*.json"))
+    """Jobs in the job store (not finished), plus claimed files, right now."""
+    jobs = count_jobs(spool / "work" / "queue.db")
     claims = sum(1 for p in (spool / "work" / "claimed").iterdir() if not p.name.startswith("."))
     return jobs + claims
 
@@ -276,11 +274,13 @@ def audit(
             problems.append(f"outbox/{job_id}: stages {names}")
         if any(s.get("output") is None for s in record.get("stages", [])):
             problems.append(f"outbox/{job_id}: a stage without output")
-    for directory in ("inbox", "work/claimed", "work/jobs"):
+    for directory in ("inbox", "work/claimed"):
         left = sorted(p.name for p in (spool / directory).iterdir())
         if left:
             problems.append(f"left in {directory}: {left[:10]}")
-    for directory in ("outbox", "failed", "work/jobs", "work/claimed", "failed/inputs"):
+    if stored := count_jobs(spool / "work" / "queue.db"):
+        problems.append(f"left in the job store: {stored} jobs")
+    for directory in ("outbox", "failed", "work/claimed", "failed/inputs"):
         temps = [p.name for p in (spool / directory).iterdir() if p.name.endswith(".tmp")]
         if temps:
             problems.append(f"temp files in {directory}: {temps[:10]}")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ihld.core.store import count_jobs
+
 REPO = Path(__file__).resolve().parent.parent
 BOX_TOOLS = Path(os.environ.get("IHLD_SYSBOX_TOOLS", "/work/shared/systemd-box"))
 MACHINE = os.environ.get("IHLD_SYSBOX_MACHINE", "ihldtest")
@@ -303,7 +305,4 @@ systemctl daemon-reload
         )
 
     def checkpoints(self) -> int:
-        try:
-            return sum(1 for _ in (self.spool / "work" / "jobs").glob("*.json"))
-        except FileNotFoundError:
-            return 0
+        return count_jobs(self.spool / "work" / "queue.db")

@@ -501,7 +501,7 @@ def test_thousands_of_files_at_once(
 ) -> None:
     """Thousands of one-stage jobs dropped at once: all claimed, all finish, the daemon stays up.
 
-    10,000 (slow: about 50 s here, 200 files/s, one claim and one checkpoint each) is the
+    10,000 (slow: about 50 s here, 200 files/s, one claim and one store row each) is the
     figure in RELIABILITY.md; 2,000 runs in ``make test``.
     """
     sim = sim_factory("instant", 1.0)
@@ -625,11 +625,11 @@ def test_spool_too_deep_for_the_control_socket_is_reported(
 
 
 def _intake(tmp_path: Path, resolver: Any = None) -> Any:
-    import itertools
 
     from ihld.core.intake import Intake
     from ihld.core.jobs import StageSpec, resolve
     from ihld.core.spool import Spool
+    from ihld.core.store import JobStore
 
     pipes = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
 
@@ -639,8 +639,7 @@ def _intake(tmp_path: Path, resolver: Any = None) -> Any:
 
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    counter = itertools.count()
-    return Intake(spool, resolver or default, max_bytes=100_000, next_seq=lambda: next(counter))
+    return Intake(spool, JobStore(spool.store_path), resolver or default, max_bytes=100_000)
 
 
 def _claim(intake: Any, name: str, data: bytes) -> Any:
@@ -650,14 +649,14 @@ def _claim(intake: Any, name: str, data: bytes) -> Any:
 
 
 def test_a_duplicate_never_takes_the_running_jobs_name(tmp_path: Path) -> None:
-    """The bug: failed/<id>.json for the duplicate made recovery drop the original's checkpoint."""
+    """The bug: failed/<id>.json for the duplicate made recovery drop the original job."""
     intake = _intake(tmp_path)
     spool = intake.spool
-    assert [p.job.id for p in _claim(intake, "a.json", b'{"id":"x","pipeline":"p"}').accepted]
+    assert _claim(intake, "a.json", b'{"id":"x","pipeline":"p"}').accepted == ["x"]
     _claim(intake, "b.json", b'{"id":"x","pipeline":"p"}')
     assert not (spool.failed / "x.json").exists()
     assert json.loads((spool.failed / "x~2.json").read_text())["error"]["kind"] == "duplicate_id"
-    assert spool.checkpoint_ids() == ["x"] and not spool.is_finished("x")
+    assert intake.store.ids() == ["x"] and not spool.is_finished("x")
     # and a bare rejection record (an older spool, another path) is never taken for the job's end
     (spool.failed / "y.json").write_text(json.dumps({"id": "y", "status": "rejected"}))
     assert not spool.is_finished("y")
@@ -683,7 +682,7 @@ def test_a_full_disk_during_intake_does_not_turn_jobs_into_duplicates(tmp_path: 
     from ihld.common import failpoints
 
     intake = _intake(tmp_path)
-    failpoints.configure("checkpoint.before_publish:enospc")
+    failpoints.configure("store.intake_before_commit:enospc")
     try:
         with pytest.raises(OSError, match="No space left"):
             _claim(intake, "full.jsonl", b'{"id":"f1","pipeline":"p"}\n')
@@ -691,7 +690,7 @@ def test_a_full_disk_during_intake_does_not_turn_jobs_into_duplicates(tmp_path: 
         failpoints.configure("")
     [claimed] = intake.spool.claimed_files()
     result = intake.process(claimed)  # the retry once space is back
-    assert [p.job.id for p in result.accepted] == ["f1"] and not result.rejected
+    assert result.accepted == ["f1"] and not result.rejected
 
 
 def test_an_unforeseen_error_rejects_the_file_whole_instead_of_wedging_it(

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from ihld.core.store import read_progress
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
 
@@ -26,7 +27,7 @@ def test_fifty_debates_affinity_needs_few_loads(sim_factory: Callable[..., SimPr
     proc = run_once(rig)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     results = rig.results()
-    assert len(results) == 50 and not rig.failures()
+    assert len(results) == 50 and not rig.failures(), proc.stderr.decode()[-3000:]
     for result in results.values():
         assert [s["name"] for s in result["stages"]] == ["proposer", "critic", "judge"]
         assert all(s["eval_count"] > 0 and s["backend"] == "sim" for s in result["stages"])
@@ -47,11 +48,10 @@ def test_fifty_debates_fifo_thrashes(sim_factory: Callable[..., SimProcess],
 
 
 def finished_stages(rig: DaemonRig) -> set[tuple[str, str]]:
-    """Stages on disk as finished: checkpoints in work/jobs and results in outbox/."""
+    """Stages on disk as finished: progress in the job store and results in outbox/."""
     done = set()
-    for path in (rig.spool / "work" / "jobs").glob("*.json"):
-        record = json.loads(path.read_text())
-        done |= {(record["job"]["id"], stage) for stage in record["outputs"]}
+    for job_id, progress in read_progress(rig.spool / "work" / "queue.db").items():
+        done |= {(job_id, stage) for stage in progress["outputs"]}
     for job_id, result in rig.results().items():
         done |= {(job_id, stage["name"]) for stage in result["stages"]}
     return done

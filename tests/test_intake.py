@@ -1,8 +1,7 @@
-"""Intake: every entry of a claimed file becomes a checkpoint or a failed/ record, once."""
+"""Intake: every entry of a claimed file becomes a job in the store or a failed/ record, once."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 from ihld.core.intake import Intake
 from ihld.core.jobs import Job, JobSpec, StageSpec, resolve
 from ihld.core.spool import Spool
+from ihld.core.store import JobStore
 
 PIPE = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
 
@@ -24,8 +24,7 @@ def resolver(spec: JobSpec, job_id: str, source: dict[str, Any]) -> Job:
 def intake(tmp_path: Path) -> Intake:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    counter = itertools.count()
-    return Intake(spool, resolver, max_bytes=10_000, next_seq=lambda: next(counter))
+    return Intake(spool, JobStore(spool.store_path), resolver, max_bytes=10_000)
 
 
 def drop(intake: Intake, name: str, data: bytes) -> Any:
@@ -40,11 +39,11 @@ def failed(intake: Intake) -> dict[str, dict[str, Any]]:
 
 def test_jsonl_with_one_bad_line(intake: Intake) -> None:
     result = drop(intake, "b.jsonl", b'{"pipeline":"p"}\n{"pipeline":"zz"}\n{"pipeline":"p"}\n')
-    assert [p.job.id for p in result.accepted] == ["b.1", "b.3"]
+    assert result.accepted == ["b.1", "b.3"]
     record = failed(intake)["b.2.json"]
     assert record["error"]["kind"] == "unknown_pipeline"
     assert record["source"]["line"] == 2 and record["source"]["file"] == "b.jsonl"
-    assert sorted(intake.spool.checkpoint_ids()) == ["b.1", "b.3"]
+    assert intake.store.ids() == ["b.1", "b.3"]
     assert not intake.spool.claimed_files()
 
 
@@ -63,18 +62,18 @@ def test_duplicate_ids_in_file_and_across_files(intake: Intake) -> None:
     records = failed(intake)
     kinds = sorted(r["error"]["kind"] for r in records.values())
     assert kinds == ["duplicate_id", "duplicate_id"]
-    assert intake.spool.checkpoint_ids() == ["x"]
+    assert intake.store.ids() == ["x"]
 
 
 def test_replaying_a_claim_after_a_crash_is_idempotent(intake: Intake) -> None:
     path = intake.spool.claimed / "00000000000000000001.1.0--r.jsonl"
     path.write_bytes(b'{"pipeline":"p"}\n{"pipeline":"nope"}\n')
-    # simulate a crash after the first job was checkpointed: copy the claim and replay it
+    # simulate a crash after the first job was stored: copy the claim and replay it
     saved = path.read_bytes()
     first = intake.process(path)
     path.write_bytes(saved)
     second = intake.process(path)
-    assert [p.job.id for p in first.accepted] == ["r.1"]
+    assert first.accepted == ["r.1"]
     assert second.accepted == [] and second.rejected == []
     assert list(failed(intake)) == ["r.2.json"]
 

@@ -26,7 +26,7 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def test_prepare_creates_layout_with_group_writable_inbox(spool: Spool) -> None:
-    for d in (spool.inbox, spool.claimed, spool.jobs, spool.outbox, spool.failed, spool.run_dir):
+    for d in (spool.inbox, spool.claimed, spool.outbox, spool.failed, spool.run_dir):
         assert d.is_dir()
     assert spool.inbox.stat().st_mode & 0o7777 == 0o2770
 
@@ -41,13 +41,6 @@ def test_publish_never_overwrites(spool: Spool) -> None:
 def test_publish_failure_picks_a_free_name(spool: Spool) -> None:
     assert spool.publish_failure("x", {"n": 1}).name == "x.json"
     assert spool.publish_failure("x", {"n": 2}).name == "x~2.json"
-
-
-def test_checkpoint_create_does_not_clobber(spool: Spool) -> None:
-    assert spool.save_checkpoint("j", {"n": 1}, create=True)
-    assert not spool.save_checkpoint("j", {"n": 2}, create=True)
-    spool.save_checkpoint("j", {"n": 3})
-    assert spool.load_checkpoint("j") == {"n": 3}
 
 
 def test_read_claimed_refuses_symlink_fifo_hardlink_and_big(spool: Spool, tmp_path: Path) -> None:

@@ -253,6 +253,7 @@ def cmd_bench_real(args: argparse.Namespace) -> int:
 
 
 MULTI = ("multi-1", "multi-2", "multi-4")  # the seed workload on 1, 2, 4 simulated GPUs
+SCALE = ("scale", "scale-10k", "scale-100k", "scale-1m")  # queue sizes: memory, disk, restart
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -263,6 +264,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ihld.observe.logs import configure_logging
 
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    if workloads and all(w in SCALE for w in workloads):
+        from ihld.bench.scale import bench_scale
+
+        return bench_scale(workloads, jobs=args.jobs, as_json=args.json, keep=args.keep)
     if workloads and all(w in MULTI for w in workloads):
         from ihld.bench.multi import bench_multi
 
@@ -270,7 +275,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in (args.policy or "fifo,affinity").split(",") if p.strip()]
     for name in workloads:
         if name not in BUILDERS:
-            print(f"ihld bench: unknown workload {name!r}; known: {', '.join([*BUILDERS, *MULTI])}",
+            known = ", ".join([*BUILDERS, *MULTI, *SCALE])
+            print(f"ihld bench: unknown workload {name!r}; known: {known}",
                   file=sys.stderr)  # fmt: skip
             return 2
     for policy in policies:
@@ -382,12 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workload",
         default="seed",
-        help="comma-separated: seed, seed-4slot, three-models, stream, urgent, overhead "
-        "(default: seed)",
+        help="comma-separated: seed, seed-4slot, three-models, stream, urgent, overhead, "
+        "rubrics; multi-1, multi-2, multi-4 (several backends); scale, scale-10k, "
+        "scale-100k, scale-1m (queue size: memory, disk, restart) (default: seed)",
     )
     bench.add_argument(
-        "--policy", help="comma-separated policies (default: fifo,affinity; with --backend: "
-        "fifo,affinity,hand-batched)"
+        "--policy",
+        help="comma-separated policies (default: fifo,affinity; with --backend: "
+        "fifo,affinity,hand-batched)",
     )
     bench.add_argument(
         "--speed", type=float, default=200.0, help="simulator speed factor (default 200)"
@@ -402,13 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--cprofile", action="store_true", help="run the daemon under cProfile (kept run dir)"
     )
     bench.add_argument(
-        "--backend", metavar="URL",
+        "--backend",
+        metavar="URL",
         help="a real server instead of the simulator: workload aba with fifo, affinity and a "
         "hand-batched reference, side by side (ihld.bench.real)",
     )
     bench.add_argument("--kind", default="llamacpp", help="--backend: its kind (llamacpp)")
-    bench.add_argument("--models", default="gemma3:270m,gemma3-b:270m",
-                       help="--backend: the two models A,B of workload aba")
+    bench.add_argument(
+        "--models",
+        default="gemma3:270m,gemma3-b:270m",
+        help="--backend: the two models A,B of workload aba",
+    )
     bench.add_argument("--tokens", type=int, default=32, help="--backend: output tokens a stage")
     bench.add_argument("--slots", type=int, default=4, help="--backend: the server's slots")
     bench.set_defaults(func=cmd_bench)

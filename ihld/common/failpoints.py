@@ -14,15 +14,20 @@ The points, in the order a job meets them:
 ==========================  ==============================================================
 ``claim.before_rename``     an inbox file is about to be renamed into ``work/claimed``
 ``claim.after_rename``      ... renamed, the directory not yet fsynced
-``intake.after_job_saved``  the claimed file's jobs are checkpointed in ``work/jobs``
+``store.intake_before_commit``  a chunk of a claimed file's jobs is written into the job
+                            store's transaction, not yet committed (a kill mid-journal)
+``intake.after_job_saved``  the claimed file's jobs are all committed to the job store
 ``intake.before_release``   ... and the claimed file is about to be deleted
 ``reject.before_move``      a symlink/dir/FIFO/socket's error record is written, the entry
                             not yet moved to ``failed/inputs``
-``checkpoint.before_publish``  checkpoint data is on disk, not yet renamed into place
-``checkpoint.after_publish``   ... renamed, the directory not yet fsynced
-``checkpoint.after_remove``    a finished job's checkpoint was just deleted
+``store.progress_mid_write``   half of a group of jobs' progress is written into the
+                            store's transaction, not yet committed
+``checkpoint.before_publish``  ... all of it written, the transaction not yet committed
+``checkpoint.after_publish``   ... committed (on disk)
+``checkpoint.before_remove``   ended jobs' removal from the store, not yet committed
+``checkpoint.after_remove``    ... committed
 ``result.before_publish``   a result's data is on disk, not yet linked into ``outbox/``
-``result.after_publish``    ... linked; its checkpoint still exists
+``result.after_publish``    ... linked; the job is still in the store
 ``failure.before_publish``  the same for an error record in ``failed/`` (a failed job or a
 ``failure.after_publish``   rejected file or line)
 ``watcher.scan``            the event loop, after each inbox scan (for ``hang``)

@@ -1,4 +1,4 @@
-"""Group commit: many durable spool writes for the price of two flushes.
+"""Group commit: many durable spool writes for the price of a few flushes.
 
 A durable atomic write is: data on disk, then the rename on disk. Done one
 file at a time, each costs two journal commits (fsync of the file, fsync of
@@ -11,6 +11,12 @@ data is on disk), rename or link each into place, fsync each directory
 once. Crash safety is the same as one at a time: a name only ever points at
 complete data. Order is kept: two checkpoints of one job in a batch are
 renamed in the order they were asked for, so the newest wins.
+
+Checkpoints (a started job's progress) go to the job store in one
+transaction per batch, committed before any result of the batch is linked;
+jobs that ended are dropped from the store after their final record is
+published (``drop``: nobody waits for it; a drop lost in a crash is redone
+at the next start, which finds the record published).
 
 If a batch fails (a full disk), it is retried with backoff until it goes
 through; callers simply wait, and nothing half-written becomes visible.
@@ -32,11 +38,13 @@ from ihld.common import failpoints
 from ihld.common.backoff import Backoff
 from ihld.common.fsio import fsync_dir, link_free, sync_data, write_temp
 from ihld.core.spool import Spool, encode_record
+from ihld.core.store import JobStore
 
 log = structlog.get_logger("ihld.core.commit")
 
 
-Kind = Literal["checkpoint", "result", "failure"]
+Kind = Literal["checkpoint", "result", "failure", "drop"]
+FILES: tuple[Kind, ...] = ("result", "failure")
 
 
 @dataclass
@@ -51,8 +59,9 @@ class _Write:
 class GroupCommitter:
     """Commits checkpoints, results and failure records in batches, in order."""
 
-    def __init__(self, spool: Spool, *, max_batch: int = 256) -> None:
+    def __init__(self, spool: Spool, store: JobStore, *, max_batch: int = 256) -> None:
         self.spool = spool
+        self.store = store
         self.max_batch = max_batch
         self._pending: list[_Write] = []
         self._wake = asyncio.Event()
@@ -81,7 +90,16 @@ class GroupCommitter:
     # -- API --------------------------------------------------------------------------
 
     async def checkpoint(self, job_id: str, record: dict[str, Any]) -> None:
+        """Record a started job's progress in the job store (durable when this returns)."""
         await self._submit("checkpoint", job_id, record)
+
+    def drop(self, job_id: str) -> None:
+        """Remove an ended job from the store, after everything asked for before it."""
+        if self._task is None:
+            raise RuntimeError("GroupCommitter.start() was not called")
+        future: asyncio.Future[Path | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write("drop", job_id, b"", future))
+        self._wake.set()
 
     async def result(self, job_id: str, record: dict[str, Any]) -> Path | None:
         """Publish ``outbox/<id>.json``; None if it already existed (published before a crash)."""
@@ -164,43 +182,40 @@ class GroupCommitter:
                         write.done.set_result(path)
 
     def _directory(self, kind: Kind) -> Path:
-        return {
-            "checkpoint": self.spool.jobs,
-            "result": self.spool.outbox,
-            "failure": self.spool.failed,
-        }[kind]
+        return self.spool.outbox if kind == "result" else self.spool.failed
 
     def _commit(self, batch: list[_Write]) -> list[Path | None]:
-        """Blocking: temp files, one data flush, names into place, one flush per directory."""
-        try:
-            for write in batch:
-                write.tmp = write_temp(
-                    self._directory(write.kind), write.name, write.data, sync=False
-                )
-            sync_data(self.spool.root, [w.tmp for w in batch if w.tmp is not None])
-            kinds = sorted({w.kind for w in batch})
+        """Blocking: progress into the store, then the files (one data flush, names into
+        place, one flush per directory), then the drops of ended jobs."""
+        self.store.commit([(w.name, w.data.decode()) for w in batch if w.kind == "checkpoint"])
+        files = [w for w in batch if w.kind in FILES]
+        placed: dict[int, Path | None] = {}
+        if files:
+            try:
+                for write in files:
+                    write.tmp = write_temp(
+                        self._directory(write.kind), write.name, write.data, sync=False
+                    )
+                sync_data(self.spool.root, [w.tmp for w in files if w.tmp is not None])
+                kinds = sorted({w.kind for w in files})
+                for kind in kinds:
+                    failpoints.hit(f"{kind}.before_publish")
+                placed = {id(write): self._place(write) for write in files}
+            finally:
+                for write in files:
+                    if write.tmp is not None:
+                        write.tmp.unlink(missing_ok=True)
+                        write.tmp = None
             for kind in kinds:
-                failpoints.hit(f"{kind}.before_publish")
-            results = [self._place(write) for write in batch]
-        finally:
-            for write in batch:
-                if write.tmp is not None:
-                    write.tmp.unlink(missing_ok=True)
-                    write.tmp = None
-        for kind in kinds:
-            failpoints.hit(f"{kind}.after_publish")
-        for directory in {self._directory(w.kind) for w in batch}:
-            fsync_dir(directory)
-        return results
+                failpoints.hit(f"{kind}.after_publish")
+            for directory in {self._directory(w.kind) for w in files}:
+                fsync_dir(directory)
+        self.store.commit((), [w.name for w in batch if w.kind == "drop"])
+        return [placed.get(id(write)) for write in batch]
 
     def _place(self, write: _Write) -> Path | None:
         assert write.tmp is not None
         directory = self._directory(write.kind)
-        if write.kind == "checkpoint":
-            target = directory / f"{write.name}.json"
-            os.rename(write.tmp, target)
-            write.tmp = None
-            return target
         if write.kind == "result":  # never overwrite a result: it was published before
             target = directory / f"{write.name}.json"
             try:

@@ -1,4 +1,4 @@
-"""How a job ends: its result or failure record published, its checkpoint dropped.
+"""How a job ends: its result or failure record published, then it leaves the job store.
 
 A finished job's result, or a failed job's record (a stage that failed for
 good, a deadline, a model no backend serves), is published through the
@@ -90,7 +90,7 @@ class JobEndings:
         """
         self.jobs.pop(job_id, None)
         await self.committer.final(job_id, record, failed=failed)
-        self.spool.remove_checkpoint(job_id)  # an unlink; recovery tidies up if it is lost
+        self.committer.drop(job_id)  # out of the store; a restart redoes it if it is lost
         if not self.jobs:
             self.on_empty()
 

@@ -45,6 +45,7 @@ from ihld.core.progress import JobProgress
 from ihld.core.scheduler import PolicyFactory, Scheduler
 from ihld.core.snapshot import Counters, EngineSnapshot, build
 from ihld.core.spool import Spool
+from ihld.core.store import JobStore
 from ihld.core.tasks import Action, BackendSlots, Dispatch, Drop, Load, Task, Unload
 
 log = structlog.get_logger("ihld")
@@ -59,6 +60,7 @@ class Engine:
         *,
         config: Config,
         spool: Spool,
+        store: JobStore,
         backends: Mapping[str, Backend],
         actors: Callable[[], Mapping[str, ActorLike]],
         inflight_log: InflightLog | None = None,
@@ -99,7 +101,7 @@ class Engine:
         self.started = time.monotonic()
         self._kick = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
-        self.committer = GroupCommitter(spool)
+        self.committer = GroupCommitter(spool, store)
         self.health = BackendHealth(
             self.backends, self.scheduler, self.backend_configs, on_change=self.kick
         )

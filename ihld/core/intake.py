@@ -1,18 +1,22 @@
-"""Intake: a claimed job file becomes accepted jobs (checkpointed) and error records.
+"""Intake: a claimed job file becomes jobs in the job store and error records.
 
 Blocking file work, run in a worker thread by the daemon. Every entry of a
-file ends as exactly one of: a checkpoint in ``work/jobs`` (accepted) or a
-record in ``failed/`` (rejected, with the field path or line that is wrong).
-Re-running intake on the same claimed file after a crash is safe: entries
-whose checkpoint or record already came from this claim are skipped, not
-reported as duplicates.
+file ends as exactly one of: a row in the job store (accepted) or a record in
+``failed/`` (rejected, with the field path or line that is wrong). A file is
+recorded in chunks of ``CHUNK`` entries, each chunk one transaction that also
+moves the file's resume point, so a million-line file streams into the store
+without a file or an object per job. Re-running intake on the same claimed
+file after a crash is safe: it resumes after the last committed chunk, and
+entries of the chunk that was cut short whose record already came from this
+claim are skipped, not reported as duplicates.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +28,23 @@ from ihld.core.batches import manifest
 from ihld.core.entries import Entry, read_entries
 from ihld.core.formats import IntakeFormat
 from ihld.core.inbox import InboxFile
-from ihld.core.jobs import Job, JobSpec
-from ihld.core.progress import JobProgress
+from ihld.core.jobs import Job, JobSpec, StageSpec
 from ihld.core.spool import Spool
+from ihld.core.store import Batch, JobStore, NewJob
 
 Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
+
+CHUNK = 5000  # entries per store transaction
 
 
 @dataclass
 class IntakeResult:
-    accepted: list[JobProgress] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)  # ids now in the job store
     rejected: list[dict[str, Any]] = field(default_factory=list)  # the error records
     batch_manifest: dict[str, Any] | None = None  # lines an intake format read (batches)
     keep_input: bool = False  # an entry was rejected: keep the file under failed/inputs
+    file: str = ""
+    rejected_ids: set[str] = field(default_factory=set)
 
 
 def rejection(
@@ -51,26 +59,46 @@ def rejection(
     }
 
 
+@dataclass
+class _Chunk:
+    """Entries read since the last commit."""
+
+    jobs: list[NewJob] = field(default_factory=list)
+    where: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> source, for rejections
+    known: set[str] = field(default_factory=set)  # ids of jobs that had ended when read
+
+
 class Intake:
     """Claims inbox files and splits them into jobs. Owns the set of known ids."""
 
     def __init__(
         self,
         spool: Spool,
+        store: JobStore,
         resolver: Resolver,
         *,
         max_bytes: int,
-        deadline_s: float | None = None,
-        next_seq: Callable[[], int],
         formats: Sequence[IntakeFormat] = (),
+        on_added: Callable[[], None] = lambda: None,
     ) -> None:
         self.spool = spool
+        self.store = store
         self.resolver = resolver
         self.max_bytes = max_bytes
-        self.deadline_s = deadline_s
-        self.next_seq = next_seq
         self.formats = formats  # the plugins' intake formats (a reload swaps them)
+        self.on_added = on_added  # a chunk of jobs is in the store (called from the thread)
+        # Ids of jobs that ended (outbox/, failed/); the store knows those still queued.
         self.known_ids = spool.known_ids()
+
+    @property
+    def resolver(self) -> Resolver:
+        return self._resolver
+
+    @resolver.setter
+    def resolver(self, resolver: Resolver) -> None:
+        """A reload swaps the resolver: resolved pipelines are forgotten with it."""
+        self._resolver = resolver
+        self._resolved: dict[str, tuple[StageSpec, ...]] = {}
 
     def reject_entry(self, entry: InboxFile) -> dict[str, Any] | None:
         """A symlink, directory, FIFO or socket in the inbox: moved aside unopened."""
@@ -144,13 +172,13 @@ class Intake:
         return self.process(path, original=entry.name)
 
     def process(self, path: Path, *, original: str | None = None) -> IntakeResult:
-        """Split a claimed file into accepted jobs and rejections, then drop the claim."""
-        result = IntakeResult()
+        """Split a claimed file into stored jobs and rejections, then drop the claim."""
         default_id = Spool.claimed_default_id(path)
         source: dict[str, Any] = {
             "file": display_name(original) if original is not None else default_id,
             "claim": path.name,
         }
+        result = IntakeResult(file=source["file"])
         try:
             data = self.spool.read_claimed(path, self.max_bytes)
         except JobError as exc:
@@ -158,25 +186,23 @@ class Intake:
             return result
         try:
             suffix = os.path.splitext(path.name)[1]
-            entries = list(read_entries(default_id, suffix, data, self.formats))
-            if len(entries) == 1 and entries[0].error is not None and entries[0].line is None:
-                err = entries[0].error
+            entries = read_entries(default_id, suffix, data, self.formats)
+            del data
+            first = next(entries)
+            if first.error is not None and first.line is None:
+                err = first.error
                 self._reject_file(path, default_id, err.kind, str(err), source, result)
                 return result
-            in_file: set[str] = set()
-            for entry in entries:
-                self._one(entry, path, source, in_file, result)
-            if any(entry.format for entry in entries):
-                result.batch_manifest = self._batch_manifest(path, default_id, entries)
-            created = self.spool.create_checkpoints(
-                [(p.job.id, p.checkpoint()) for p in result.accepted]
-            )
+            batch = self.store.batch(path.name, source["file"])
+            source["file"] = batch.file  # as first claimed (a replay has only the claim)
+            self._read(batch, first, entries, path, source, result)
         except OSError:
             raise  # a full or failing disk: the claim stays, intake pauses and replays it
         except Exception as exc:
             # An input nobody foresaw (or a bug) must neither wedge the claim (it would be
             # replayed, and fail, at every start) nor lose the file: reject it whole.
-            result.accepted = []
+            if result.accepted:
+                raise  # some of its jobs are stored: replay the rest later, never reject them
             self._reject_file(
                 path,
                 default_id,
@@ -186,9 +212,6 @@ class Intake:
                 result,
             )
             return result
-        # a checkpoint that already existed was written before a crash: recovery loads it
-        result.accepted = [p for p, new in zip(result.accepted, created, strict=True) if new]
-        self.known_ids.update(p.job.id for p in result.accepted)
         failpoints.hit("intake.after_job_saved")
         failpoints.hit("intake.before_release")
         if result.keep_input:  # some line was rejected: its bytes stay, whatever their size
@@ -196,6 +219,75 @@ class Intake:
         else:
             self.spool.done_with_claimed(path)
         return result
+
+    def _read(
+        self,
+        batch: Batch,
+        first: Entry,
+        rest: Iterator[Entry],
+        path: Path,
+        source: dict[str, Any],
+        result: IntakeResult,
+    ) -> None:
+        """Every entry into a chunk; each full chunk committed with the resume point."""
+        in_file: set[str] = set()
+        formatted: list[Entry] = []
+        chunk = _Chunk()
+        number = 0
+        for number, entry in enumerate(_chain(first, rest), start=1):
+            if entry.format is not None:
+                formatted.append(entry)
+            if number <= batch.recorded:  # committed before a crash
+                in_file.add(entry.job_id)
+                if (
+                    entry.error is not None
+                    or self._already_recorded(entry.job_id, path.name, entry.line) == "failed"
+                ):
+                    result.keep_input = True
+                continue
+            self._one(entry, path, source, in_file, chunk, result)
+            if len(chunk.jobs) >= CHUNK:
+                self._commit(batch, chunk, path, result, recorded=number, done=False)
+                chunk = _Chunk()
+        if formatted:
+            result.batch_manifest = self._batch_manifest(
+                path, Spool.claimed_default_id(path), formatted
+            )
+        self._commit(batch, chunk, path, result, recorded=number, done=True)
+
+    def _commit(
+        self,
+        batch: Batch,
+        chunk: _Chunk,
+        path: Path,
+        result: IntakeResult,
+        *,
+        recorded: int,
+        done: bool,
+    ) -> None:
+        """Reject the chunk's ids already queued or ended, store the rest: one transaction."""
+        ids = [job.id for job in chunk.jobs]
+        # The store before known_ids: a job that ends is known as ended before it leaves
+        # the store. A line of this very file rejected as a duplicate is known too: not
+        # a reason to reject the line it duplicates.
+        taken = self.store.existing(ids) | chunk.known
+        taken.update(i for i in ids if i in self.known_ids and i not in result.rejected_ids)
+        jobs = chunk.jobs
+        if taken:
+            jobs = [job for job in chunk.jobs if job.id not in taken]
+            for job_id in (i for i in ids if i in taken):
+                if self._already_recorded(job_id, path.name, chunk.where[job_id].get("line")):
+                    continue  # stored or rejected before a crash cut this chunk short
+                error = JobError(
+                    f"duplicate id {job_id!r}: a job with this id was already submitted",
+                    kind="duplicate_id",
+                    path="id",
+                )
+                self._reject_line(job_id, error, chunk.where[job_id], path, "", result)
+        self.store.add(batch, jobs, recorded=recorded, done=done)
+        result.accepted.extend(job.id for job in jobs)
+        if jobs:
+            self.on_added()
 
     def _batch_manifest(self, path: Path, batch: str, entries: list[Entry]) -> dict[str, Any]:
         """Record which job each line of a format's file became (before the checkpoints)."""
@@ -231,6 +323,7 @@ class Intake:
         path: Path,
         source: dict[str, Any],
         in_file: set[str],
+        chunk: _Chunk,
         result: IntakeResult,
     ) -> None:
         job_id = entry.job_id
@@ -240,62 +333,84 @@ class Intake:
             error = JobError(
                 f"duplicate id {job_id!r} in this file", kind="duplicate_id", path="id"
             )
-        if error is None and job_id in self.known_ids:
-            found = self._already_recorded(job_id, path.name, entry.line)
-            if found:
-                in_file.add(job_id)
-                result.keep_input |= found == "failed"
-                return
-            error = JobError(
-                f"duplicate id {job_id!r}: a job with this id was already submitted",
-                kind="duplicate_id",
-                path="id",
-            )
-        job: Job | None = None
+        stages: tuple[StageSpec, ...] | None = None
         if error is None:
             assert entry.spec is not None
             try:
-                job = self.resolver(entry.spec, job_id, where)
+                stages = self._stages(entry.spec, job_id, where)
             except JobError as exc:
                 error = exc
         in_file.add(job_id)
-        if error is not None or job is None:
+        if error is not None or stages is None:
             assert error is not None
-            result.keep_input = True
-            kept = self.spool.failed_inputs / path.name
-            record = rejection(
-                job_id,
-                error.kind,
-                str(error),
-                {**where, "kept_as": str(kept.relative_to(self.spool.root))},
-                field=error.path or None,
-                raw=entry.raw or None,
-            )
             if self._already_recorded(job_id, path.name, entry.line):
+                result.keep_input = True
                 return
-            # A duplicate's record never takes the bare name: that belongs to the job
-            # already submitted (recovery reads failed/<id>.json as that job's end).
-            taken = error.kind == "duplicate_id" or job_id in self.known_ids
-            self.spool.publish_failure(job_id, record, first=2 if taken else 1)
-            self.known_ids.add(job_id)
-            result.rejected.append(record)
+            self._reject_line(job_id, error, where, path, entry.raw, result)
             return
-        progress = JobProgress(job, self.next_seq())
-        deadline = job.deadline_s or self.deadline_s
-        if deadline is not None:
-            progress.deadline_at = progress.claimed_at + deadline
-        progress.event("job_claimed", file=source["file"], line=entry.line)
-        # known_ids is updated once the checkpoint exists (a full disk must not turn the
-        # replay of this file into "duplicate id" rejections)
-        result.accepted.append(progress)  # checkpointed in one batch at the end of the file
+        spec = entry.spec
+        assert spec is not None
+        chunk.where[job_id] = where
+        if job_id in self.known_ids:
+            chunk.known.add(job_id)
+        chunk.jobs.append(
+            NewJob(
+                id=job_id,
+                line=entry.line,
+                priority=spec.priority,
+                stages=stages,
+                pipeline=spec.pipeline,
+                deadline_s=spec.deadline_s,
+                input=json.dumps(spec.input, ensure_ascii=False, separators=(",", ":")),
+            )
+        )
+
+    def _stages(self, spec: JobSpec, job_id: str, where: dict[str, Any]) -> tuple[StageSpec, ...]:
+        """The resolved stages; a named pipeline without overrides is resolved once."""
+        if spec.stages is not None or spec.overrides or spec.pipeline is None:
+            return self.resolver(spec, job_id, where).stages
+        found = self._resolved.get(spec.pipeline)
+        if found is None:
+            found = self.resolver(spec, job_id, where).stages
+            self._resolved[spec.pipeline] = found
+        return found
+
+    def _reject_line(
+        self,
+        job_id: str,
+        error: JobError,
+        where: dict[str, Any],
+        path: Path,
+        raw: str,
+        result: IntakeResult,
+    ) -> None:
+        result.keep_input = True
+        kept = self.spool.failed_inputs / path.name
+        record = rejection(
+            job_id,
+            error.kind,
+            str(error),
+            {**where, "kept_as": str(kept.relative_to(self.spool.root))},
+            field=error.path or None,
+            raw=raw or None,
+        )
+        # A duplicate's record never takes the bare name: that belongs to the job
+        # already submitted (recovery reads failed/<id>.json as that job's end).
+        taken = error.kind == "duplicate_id" or job_id in self.known_ids
+        self.spool.publish_failure(job_id, record, first=2 if taken else 1)
+        self.known_ids.add(job_id)
+        result.rejected.append(record)
+        result.rejected_ids.add(job_id)
 
     def _already_recorded(self, job_id: str, claim: str, line: int | None) -> str | None:
         """Where a record for ``job_id`` from this very claim and line is (crash replay).
 
         ``"jobs"``, ``"failed"`` or ``"outbox"``; None if there is none.
         """
+        for stored in self.store.load([job_id]):
+            if stored.batch.claim == claim and stored.line == line:
+                return "jobs"
         paths = [
-            ("jobs", self.spool.jobs / f"{job_id}.json"),
             *(("failed", p) for p in self._failure_records(job_id)),
             ("outbox", self.spool.outbox / f"{job_id}.json"),
         ]
@@ -308,6 +423,11 @@ class Intake:
             if src.get("claim") == claim and src.get("line") == line:
                 return where
         return None
+
+
+def _chain(first: Entry, rest: Iterator[Entry]) -> Iterator[Entry]:
+    yield first
+    yield from rest
 
 
 def display_name(name: str) -> str:

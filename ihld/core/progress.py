@@ -1,7 +1,7 @@
 """One job's progress: which stages are done, which are ready, what to write.
 
-The checkpoint record written after every finished stage is exactly
-``JobProgress.checkpoint()``; ``JobProgress.restore`` reads it back, so a
+The progress the job store keeps after every finished stage is exactly
+``JobProgress.checkpoint()``; ``JobProgress.from_stored`` reads it back, so a
 restarted daemon resumes each job at its first unfinished stage.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from ihld.core.actors import ActorLike, StageContext, prompt_prefix
 from ihld.core.jobs import RUNNER_OPTIONS, Job, StageSpec
+from ihld.core.store import StoredJob
 from ihld.core.tasks import Task
 
 
@@ -104,11 +105,8 @@ class JobProgress:
     # -- records ------------------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
+        """What the job store keeps of a started job (the job itself is stored once)."""
         return {
-            "version": 1,
-            "job": self.job.to_record(),
-            "seq": self.seq,
-            "claimed_at": self.claimed_at,
             "deadline_at": self.deadline_at,
             "recoveries": self.recoveries,
             "outputs": self.outputs,
@@ -117,17 +115,48 @@ class JobProgress:
         }
 
     @classmethod
-    def restore(cls, record: dict[str, Any]) -> JobProgress:
-        return cls(
-            job=Job.from_record(record["job"]),
-            seq=int(record.get("seq", 0)),
-            outputs=dict(record.get("outputs", {})),
-            records=dict(record.get("stages", {})),
-            events=list(record.get("events", [])),
-            recoveries=int(record.get("recoveries", 0)),
-            claimed_at=float(record.get("claimed_at", _now())),
-            deadline_at=record.get("deadline_at"),
+    def from_stored(cls, stored: StoredJob, default_deadline_s: float | None = None) -> JobProgress:
+        """A job read back from the store: fresh (no stage finished yet) or resumed."""
+        batch = stored.batch
+        source: dict[str, Any] = {"file": batch.file, "claim": batch.claim}
+        if stored.line is not None:
+            source["line"] = stored.line
+        job = Job(
+            id=stored.id,
+            priority=stored.priority,
+            input=stored.input,
+            stages=stored.stages,
+            pipeline=stored.pipeline,
+            deadline_s=stored.deadline_s,
+            source=source,
         )
+        waited = max(0.0, time.time() - batch.claimed_at)
+        progress = cls(
+            job,
+            stored.seq,
+            claimed_at=batch.claimed_at,
+            arrived=time.monotonic() - waited,  # wait bounds count from the claim
+        )
+        record = stored.progress
+        if record is None:
+            deadline = stored.deadline_s or default_deadline_s
+            if deadline is not None:
+                progress.deadline_at = batch.claimed_at + deadline
+            progress.events.append(
+                {
+                    "t": batch.claimed_at,
+                    "event": "job_claimed",
+                    "file": batch.file,
+                    "line": stored.line,
+                }
+            )
+            return progress
+        progress.outputs = dict(record.get("outputs", {}))
+        progress.records = dict(record.get("stages", {}))
+        progress.events = list(record.get("events", []))
+        progress.recoveries = int(record.get("recoveries", 0))
+        progress.deadline_at = record.get("deadline_at")
+        return progress
 
     def result(self) -> dict[str, Any]:
         """The outbox record: the job, each stage's output and figures, the timeline."""

@@ -4,7 +4,7 @@ Layout under ``[spool] dir``::
 
     inbox/            users drop job files here (group-writable)
     work/claimed/     claimed job files, renamed out of the inbox: the claim *is* the lock
-    work/jobs/        one checkpoint per accepted job: the job and its finished stages
+    work/queue.db     the job store: every accepted job until it ends (ihld.core.store)
     work/inflight.log stages started and finished by the running daemon (poison detection)
     outbox/           one result per finished job
     failed/           one error record per failed job or rejected file
@@ -13,9 +13,10 @@ Layout under ``[spool] dir``::
     run/              lock file, control socket, clean-shutdown marker
 
 Every write that a reader may see is atomic: a dotted temp file in the same
-directory, fsync, then rename (checkpoints) or link (results, which must
-never overwrite), then fsync of the directory. Readers only look at final
-names. Nothing here follows a symlink or opens a file outside the spool.
+directory, fsync, then link (results, which must never overwrite), then
+fsync of the directory. Readers only look at final names; the job store is
+SQLite's to keep consistent. Nothing here follows a symlink or opens a file
+outside the spool.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from typing import Any
 
 from ihld.common import failpoints, jsonsafe
 from ihld.common.errors import SpoolError
-from ihld.common.fsio import fsync_dir, link_free, replace_durably, sync_data, write_temp
+from ihld.common.fsio import fsync_dir, link_free, replace_durably, write_temp
 from ihld.core.inbox import (
     InboxFile,
     _kind,
     read_job_file,
 )
 from ihld.core.inflight import read_inflight
+from ihld.core.store import count_jobs
 
 _seq = itertools.count()
 
@@ -69,7 +71,8 @@ class Spool:
         # outbox and failed/ are shared, and claiming by rename decides who runs what.
         self.work = root / "work" / node if node else root / "work"
         self.claimed = self.work / "claimed"
-        self.jobs = self.work / "jobs"
+        self.jobs = self.work / "jobs"  # checkpoint files of ihld before the job store
+        self.store_path = self.work / "queue.db"
         self.outbox = root / "outbox"
         self.failed = root / "failed"
         self.failed_inputs = self.failed / "inputs"
@@ -90,7 +93,6 @@ class Spool:
             self.work.parent,
             self.work,
             self.claimed,
-            self.jobs,
             self.outbox,
             self.failed,
             self.failed_inputs,
@@ -233,71 +235,17 @@ class Spool:
         path.unlink(missing_ok=True)
         fsync_dir(self.claimed)
 
-    # -- checkpoints --------------------------------------------------------
+    # -- checkpoints of ihld before the job store ---------------------------------------
 
-    def save_checkpoint(self, job_id: str, record: dict[str, Any], *, create: bool = False) -> bool:
-        """Write a job's checkpoint atomically. ``create``: never overwrite (False if it exists)."""
-        data = encode_record(record, compact=True)
-        tmp = _write_temp(self.jobs, job_id, data)
-        target = self.jobs / f"{job_id}.json"
-        try:
-            failpoints.hit("checkpoint.before_publish")
-            if create:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    return False
-                finally:
-                    tmp.unlink()
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        failpoints.hit("checkpoint.after_publish")
-        fsync_dir(self.jobs)
-        return True
-
-    def create_checkpoints(self, records: list[tuple[str, dict[str, Any]]]) -> list[bool]:
-        """Create many new checkpoints with one data flush; False where one already existed."""
-        if not records:
+    def legacy_checkpoints(self) -> list[Path]:
+        """``work/jobs/<id>.json`` files an older ihld left (the store adopts them)."""
+        if not self.jobs.is_dir():
             return []
-        tmps = [
-            write_unsynced(self.jobs, job_id, encode_record(r, compact=True))
-            for job_id, r in records
-        ]
-        created = []
-        try:
-            sync_data(self.root, tmps)
-            failpoints.hit("checkpoint.before_publish")
-            for (job_id, _record), tmp in zip(records, tmps, strict=True):
-                try:
-                    os.link(tmp, self.jobs / f"{job_id}.json")
-                    created.append(True)
-                except FileExistsError:
-                    created.append(False)
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
-        failpoints.hit("checkpoint.after_publish")
-        fsync_dir(self.jobs)
-        return created
-
-    def load_checkpoint(self, job_id: str) -> dict[str, Any]:
-        with open(self.jobs / f"{job_id}.json", "rb") as fh:
-            value: dict[str, Any] = jsonsafe.loads(fh.read().decode("utf-8"))
-        return value
-
-    def checkpoint_ids(self) -> list[str]:
         return sorted(
-            p.name[:-5]
+            p
             for p in self.jobs.iterdir()
             if p.name.endswith(".json") and not p.name.startswith(".")
         )
-
-    def remove_checkpoint(self, job_id: str) -> None:
-        (self.jobs / f"{job_id}.json").unlink(missing_ok=True)
-        failpoints.hit("checkpoint.after_remove")
 
     # -- results ------------------------------------------------------------
 
@@ -375,19 +323,20 @@ class Spool:
         return not (isinstance(record, dict) and record.get("status") == "rejected")
 
     def known_ids(self) -> set[str]:
-        """Ids already in work/jobs, outbox/ or failed/ (for duplicate detection)."""
+        """Ids of jobs that ended, in outbox/ or failed/ (the job store knows queued ones)."""
         ids: set[str] = set()
-        job_dirs = [self.jobs]
-        if self.node:  # other nodes' jobs in progress count too
-            job_dirs = [d / "jobs" for d in self.work.parent.iterdir() if (d / "jobs").is_dir()]
-        for directory in (*job_dirs, self.outbox, self.failed):
+        for directory in (self.outbox, self.failed):
             for name in os.listdir(directory):
                 if name.endswith(".json") and not name.startswith("."):
                     ids.add(name[:-5])
         return ids
 
-    def counts(self) -> dict[str, int]:
-        """Files per spool directory (``ihld status`` when the daemon is down)."""
+    def counts(self, *, store: bool = True) -> dict[str, int]:
+        """Files per spool directory (``ihld status`` when the daemon is down).
+
+        ``in_progress`` is what the job store holds (``store=False``: not counted,
+        the running daemon knows it).
+        """
 
         def count(directory: Path) -> int:
             try:
@@ -398,7 +347,7 @@ class Spool:
         return {
             "inbox": count(self.inbox),
             "claimed": count(self.claimed),
-            "in_progress": count(self.jobs),
+            "in_progress": count_jobs(self.store_path) if store else 0,
             "outbox": count(self.outbox),
             "failed": max(0, count(self.failed) - (1 if self.failed_inputs.exists() else 0)),
         }
@@ -409,7 +358,7 @@ class Spool:
 
     def iter_tmp_files(self) -> Iterator[Path]:
         """Temp files a crash left behind (never visible to readers; safe to delete)."""
-        for directory in (self.jobs, self.outbox, self.failed, self.claimed):
+        for directory in (self.outbox, self.failed, self.claimed):
             for path in directory.iterdir():
                 if path.name.startswith(".") and path.name.endswith(".tmp"):
                     yield path

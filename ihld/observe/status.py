@@ -42,7 +42,7 @@ def summary_line(snap: dict[str, Any]) -> str:
     ``312/1764 done, 41 jobs/min, ETA 35m, qwen2.5:7b resident``
     """
     jobs = snap["jobs"]
-    total = jobs["done"] + jobs["failed"] + jobs["in_progress"]
+    total = jobs["done"] + jobs["failed"] + jobs["in_progress"] + jobs.get("waiting", 0)
     parts = [f"{jobs['done']}/{total} done"]
     if jobs["failed"]:
         parts.append(f"{jobs['failed']} failed")
@@ -68,5 +68,3 @@ def summary_line(snap: dict[str, Any]) -> str:
     if down:
         parts.append("backend down: " + ", ".join(down))
     return ", ".join(parts)
-
-

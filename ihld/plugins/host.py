@@ -10,7 +10,6 @@ Observers are called one plugin at a time through pluggy's
 which a plain pluggy call would not.
 """
 
-
 from __future__ import annotations
 
 import inspect

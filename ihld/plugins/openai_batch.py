@@ -123,7 +123,10 @@ def to_spec(value: dict[str, Any]) -> JobSpec:
             raise _fail("not supported by ihld (see docs/backends.md)", f"body.{key}")
         options[OPTION_MAP[key]] = item
     stage = StageSpec(
-        name="chat", actor=ACTOR, model=model, options=options,
+        name="chat",
+        actor=ACTOR,
+        model=model,
+        options=options,
         format=_format(body.get("response_format")),
     )
     return JobSpec(stages=[stage], input={"custom_id": custom_id, "messages": messages})
@@ -140,8 +143,12 @@ class OpenAIChatActor(Actor):
     name = ACTOR
 
     def build_request(self, ctx: StageContext) -> ChatRequest:
-        return ChatRequest(model=ctx.stage.model or "", messages=list(ctx.input["messages"]),
-                           options=dict(ctx.stage.options), format=ctx.stage.format)
+        return ChatRequest(
+            model=ctx.stage.model or "",
+            messages=list(ctx.input["messages"]),
+            options=dict(ctx.stage.options),
+            format=ctx.stage.format,
+        )
 
     def parse_response(self, ctx: StageContext, result: ChatResult) -> Any:
         if ctx.stage.format is not None:
@@ -173,15 +180,25 @@ def output_line(job_id: str, custom_id: str, result: Mapping[str, Any]) -> dict[
                 "object": "chat.completion",
                 "created": int(result.get("finished_at") or time.time()),
                 "model": stage.get("model"),
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": stage.get("output"),
-                                "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "length" if stage.get("done_reason") == "length" else "stop",
-                }],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion},
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": stage.get("output"),
+                            "refusal": None,
+                        },
+                        "logprobs": None,
+                        "finish_reason": "length"
+                        if stage.get("done_reason") == "length"
+                        else "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
                 "system_fingerprint": f"ihld_{stage.get('backend')}",
             },
         },

@@ -1,10 +1,13 @@
 """The daemon: start-up, the long-lived tasks, reload and graceful stop.
 
 Start-up, in order (each step undone on failure by the exit stack):
-logs → config → spool (prepare, lock) → plugins → HTTP session and backends
-→ recover the spool (checkpoints, claims, poison) → control socket →
-``READY=1``. Then sibling tasks run until the stop event: the dispatch loop,
-intake (watcher → claim → jobs), deadlines, status/watchdog.
+logs → config → spool (prepare, lock) → job store → plugins → HTTP session
+and backends → recover (poison, finished batches) → control socket →
+``READY=1``. Recovery reads only the jobs that were running, so ``READY``
+comes as fast with a million jobs queued as with none. Then sibling tasks
+run until the stop event: the dispatch loop, the feeder (store → engine),
+intake (claims left by a crash, then watcher → claim → store), deadlines,
+status/watchdog.
 
 Graceful stop (SIGTERM, SIGINT, or ``--once`` when all is done):
 
@@ -25,26 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from ihld.backends.ollama import make_session
+from ihld.common import jsonsafe
 from ihld.common.backoff import Backoff
 from ihld.common.errors import ConfigError, PluginError
 from ihld.core import events
 from ihld.core.batches import BatchTracker
 from ihld.core.config import Config, load_config
 from ihld.core.engine import Engine
+from ihld.core.feeder import Feeder
 from ihld.core.inflight import InflightLog
 from ihld.core.intake import Intake, IntakeResult
 from ihld.core.progress import JobProgress
 from ihld.core.scheduler import PolicyFactory
 from ihld.core.spool import Spool
+from ihld.core.store import JobStore
 from ihld.core.watcher import InboxWatcher
 from ihld.observe import logs
 from ihld.observe.control import start_control
@@ -54,7 +60,7 @@ from ihld.observe.status import status_document, summary_line
 from ihld.observe.systemd import Notifier, watchdog_loop
 from ihld.plugins.host import PluginHost
 from ihld.plugins.loader import plugins_for
-from ihld.service.wiring import make_backends, make_resolver, poison, quarantine_checkpoint
+from ihld.service.wiring import adopt_checkpoints, make_backends, make_resolver, poison
 
 log = structlog.get_logger("ihld")
 
@@ -66,6 +72,8 @@ class Daemon:
     config: Config = field(init=False)
     host: PluginHost = field(init=False)
     spool: Spool = field(init=False)
+    store: JobStore = field(init=False)
+    feeder: Feeder = field(init=False)
     engine: Engine = field(init=False)
     intake: Intake = field(init=False)
     batches: BatchTracker = field(init=False)
@@ -74,7 +82,6 @@ class Daemon:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reload: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: Metrics = field(default_factory=Metrics)  # fed by the event log (issue 5)
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
     _intake_idle: asyncio.Event = field(default_factory=asyncio.Event)
     _intake_paused_until: float = 0.0
     _cancelled: int = 0
@@ -90,6 +97,8 @@ class Daemon:
         self.spool.lock()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.spool.unlock)
+            self.store = JobStore(self.spool.store_path)
+            stack.callback(self.store.close)
             self._configure_logs(self.config)
             stack.callback(logs.close_logging)
             self.host = plugins_for(self.config)
@@ -103,6 +112,7 @@ class Daemon:
             self.engine = Engine(
                 config=self.config,
                 spool=self.spool,
+                store=self.store,
                 backends=backends,
                 actors=lambda: self.host.actors,
                 inflight_log=inflight_log,
@@ -111,13 +121,15 @@ class Daemon:
             self.batches = BatchTracker(self.spool, self.host.formats)
             self.engine.events.subscribe(self._batch_event)
             self.engine.events.subscribe(self._plugin_event)
+            self.engine.events.subscribe(self._ended_event)
+            loop = asyncio.get_running_loop()
             self.intake = Intake(
                 self.spool,
+                self.store,
                 make_resolver(self.host),
                 max_bytes=self.config.limits.max_job_bytes,
-                deadline_s=self.config.limits.job_deadline_s,
-                next_seq=lambda: next(self._seq),
                 formats=list(self.host.formats.values()),
+                on_added=lambda: self._from_thread(loop, self.feeder.wake),
             )
             self.spool.mark_running()
             recovered = await self._recover(crashed, clean)
@@ -195,6 +207,17 @@ class Daemon:
         hook, kwargs = events.hook_call(event)
         await self.host.notify(hook, **kwargs)
 
+    @staticmethod
+    def _from_thread(loop: asyncio.AbstractEventLoop, call: Callable[[], None]) -> None:
+        loop.call_soon_threadsafe(call)
+
+    async def _ended_event(self, event: events.Event) -> None:
+        """A job ended: its id is taken for good, and the engine has room for another."""
+        job_id = events.ended_job_id(event)
+        if job_id is not None:
+            self.intake.known_ids.add(job_id)
+            self.feeder.wake()
+
     async def _batch_event(self, event: events.Event) -> None:
         job_id = events.ended_job_id(event)
         name = None if job_id is None else self.batches.job_ended(job_id)
@@ -212,56 +235,63 @@ class Daemon:
 
     def snapshot(self) -> dict[str, Any]:
         paused = self._intake_paused_until > time.monotonic()
-        return status_document(self.engine.snapshot(), self.spool.counts(), intake_paused=paused)
+        return self._document(self.spool.counts(store=False), intake_paused=paused)
+
+    def _document(self, counts: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
+        """The status document, with the jobs waiting in the store (not in the engine)."""
+        doc = status_document(self.engine.snapshot(), counts, **extra)
+        waiting = self.store.backlog()
+        doc["jobs"]["waiting"] = waiting
+        doc["waiting_by_model"] = self.store.waiting_by_model()
+        if counts is not None:
+            doc["spool"]["in_progress"] = waiting + doc["jobs"]["in_progress"]
+        return doc
 
     # -- recovery ----------------------------------------------------------------------
 
     async def _recover(self, crashed: dict[str, int], clean: bool) -> int:
-        """Resume checkpointed jobs, finish interrupted claims, quarantine poison."""
+        """Make the store current: poison, jobs that ended just before a crash, old spools.
+
+        Reads only what was running, never the queue: its cost does not grow with it.
+        """
         self.notifier.extend_timeout(90)  # a large spool takes a while; keep systemd patient
         for tmp in self.spool.iter_tmp_files():
             tmp.unlink(missing_ok=True)
-        progresses: list[JobProgress] = []
-        told = time.monotonic()
-        for job_id in self.spool.checkpoint_ids():
-            if time.monotonic() - told >= 1.0:  # progress, not a hang: tell systemd so
-                told = time.monotonic()
-                self.notifier.extend_timeout(30)
-                self.notifier.watchdog()
-                self.notifier.status(f"recovering the spool: {len(progresses)} jobs so far")
-            if self.spool.is_finished(job_id):
-                self.spool.remove_checkpoint(job_id)  # published just before a crash
+        adopted = await asyncio.to_thread(adopt_checkpoints, self.spool, self.store)
+        for stored in await asyncio.to_thread(self.store.load, crashed):
+            if await asyncio.to_thread(self.spool.is_finished, stored.id):
+                await asyncio.to_thread(self.store.drop, stored.id)
                 continue
-            try:
-                progress = JobProgress.restore(self.spool.load_checkpoint(job_id))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                await asyncio.to_thread(quarantine_checkpoint, self.spool, job_id, repr(exc))
+            progress = JobProgress.from_stored(stored, self.config.limits.job_deadline_s)
+            progress.recoveries += 1
+            if progress.recoveries >= self.config.spool.max_recoveries:
+                await poison(self.spool, self.store, progress)
                 continue
-            if job_id in crashed:
-                progress.recoveries += 1
-                if progress.recoveries >= self.config.spool.max_recoveries:
-                    await poison(self.spool, progress)
-                    continue
-                progress.event("job_recovered", recoveries=progress.recoveries)
-                self.spool.save_checkpoint(job_id, progress.checkpoint())
-            progresses.append(progress)
-        progresses.sort(key=lambda p: p.seq)
-        self._seq = itertools.count(max((p.seq for p in progresses), default=-1) + 1)
-        for progress in progresses:
-            self.engine.add_job(progress)
+            progress.event("job_recovered", recoveries=progress.recoveries)
+            record = jsonsafe.dumps(progress.checkpoint(), compact=True)
+            await asyncio.to_thread(self.store.commit, [(stored.id, record)])
+        suspects = await asyncio.to_thread(self.store.start)
+        self.feeder = Feeder(
+            self.store,
+            self.spool,
+            in_memory=lambda: len(self.engine.jobs),
+            limit=lambda: self.config.limits.max_jobs_in_memory,
+            admit=self.engine.add_job,
+            default_deadline_s=lambda: self.config.limits.job_deadline_s,
+            suspects=suspects,
+        )
         for name in self.batches.load_all():
             await self._assemble_batch(name)
-        for path in self.spool.claimed_files():
-            result = await asyncio.to_thread(self.intake.process, path)
-            self._admit(result)
-        if progresses:
+        backlog = self.store.backlog()
+        if backlog or adopted:
             log.info(
                 "spool_recovered",
-                jobs=len(progresses),
+                jobs=backlog,
+                adopted_checkpoints=adopted or None,
                 clean_shutdown=clean,
                 crashed_jobs=len(crashed),
             )
-        return len(progresses)
+        return backlog
 
     # -- the running daemon ---------------------------------------------------------------
 
@@ -270,6 +300,7 @@ class Daemon:
             dispatcher = group.create_task(self.engine.run(), name="dispatch")
             claimer = group.create_task(self._intake_loop(), name="intake")
             others = [
+                group.create_task(self.feeder.run(), name="feeder"),
                 group.create_task(self._deadline_loop(), name="deadlines"),
                 group.create_task(self._status_loop(), name="status"),
                 group.create_task(self._reload_loop(), name="reload"),
@@ -289,13 +320,13 @@ class Daemon:
     async def _intake_loop(self) -> None:
         stop_claiming = asyncio.Event()
         try:
+            await self._replay_claims()
             async for ready in self.watcher.batches(stop_claiming):
                 for entry in ready.rejects:
                     record = await asyncio.to_thread(self.intake.reject_entry, entry)
                     if record is not None:
                         self._log_rejected(record)
                 for entry in ready.files:
-                    await self._wait_for_room()
                     self._intake_idle.clear()
                     try:
                         result = await asyncio.to_thread(self.intake.claim_and_read, entry)
@@ -311,6 +342,19 @@ class Daemon:
                         self._admit(result)
         finally:
             stop_claiming.set()
+
+    async def _replay_claims(self) -> None:
+        """Files claimed before a crash (or cut short by one), resumed where they stopped."""
+        self._intake_idle.clear()
+        try:
+            for path in self.spool.claimed_files():
+                try:
+                    self._admit(await asyncio.to_thread(self.intake.process, path))
+                except OSError as exc:
+                    await self._intake_error(exc)
+                    return  # it replayed every claim
+        finally:
+            self._intake_idle.set()
 
     async def _intake_error(self, exc: OSError) -> None:
         """A full or failing disk: pause claiming, keep what was claimed, retry until it works.
@@ -333,11 +377,6 @@ class Daemon:
             log.info("intake_resumed")
             return
 
-    async def _wait_for_room(self) -> None:
-        limit = self.config.limits.max_jobs_in_memory
-        while len(self.engine.jobs) >= limit:  # noqa: ASYNC110 - back-pressure, rare
-            await asyncio.sleep(0.05)
-
     def _admit(self, result: IntakeResult | None) -> None:
         if result is None:
             return
@@ -345,14 +384,8 @@ class Daemon:
             complete = self.batches.register(result.batch_manifest)
             if complete is not None:
                 self.engine.events.spawn(self._assemble_batch(complete))
-        for progress in result.accepted:
-            log.info(
-                "job_claimed",
-                job_id=progress.job.id,
-                stages=len(progress.job.stages),
-                priority=progress.job.priority,
-            )
-            self.engine.add_job(progress)
+        if result.accepted:
+            log.info("file_accepted", file=result.file, jobs=len(result.accepted))
         for record in result.rejected:
             self._log_rejected(record)
 
@@ -374,7 +407,7 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         while True:  # the summary needs no spool counts: no directory listing every 2 s
-            self.notifier.status(summary_line(status_document(self.engine.snapshot())))
+            self.notifier.status(summary_line(self._document()))
             await asyncio.sleep(2.0)
 
     async def _once_loop(self) -> None:
@@ -391,6 +424,9 @@ class Daemon:
             pending = any(e.kind == "file" and e.name.endswith((".json", ".jsonl")) for e in inbox)
             if pending or self.spool.claimed_files():
                 await self.watcher.scanned.wait()  # intake will take them: look again after
+                continue
+            if not self.feeder.drained():
+                await self.feeder.idle.wait()  # the rest of the queue goes into the engine
                 continue
             if self.engine.jobs or not self._intake_idle.is_set():
                 continue  # something arrived meanwhile
@@ -421,7 +457,7 @@ class Daemon:
         self.intake.formats = list(host.formats.values())
         self.batches.formats = host.formats
         self.intake.max_bytes = config.limits.max_job_bytes
-        self.intake.deadline_s = config.limits.job_deadline_s
+        self.feeder.wake()  # max_jobs_in_memory may have grown
         self._configure_logs(config)
         log.info(
             "config_reloaded",

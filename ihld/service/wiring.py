@@ -1,10 +1,12 @@
 """The daemon's parts built from its config: backend clients, intake's resolver, and what
-recovery does with a checkpoint it cannot trust."""
+recovery does with poison, and with an older ihld's checkpoint files."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,10 +17,12 @@ from ihld.backends.llamacpp import LlamaCppBackend
 from ihld.backends.ollama import OllamaBackend
 from ihld.backends.openai import OpenAIBackend
 from ihld.backends.settings import BackendConfig
+from ihld.common import jsonsafe
 from ihld.core.intake import Resolver
 from ihld.core.jobs import Job, JobSpec
 from ihld.core.progress import JobProgress
 from ihld.core.spool import Spool
+from ihld.core.store import JobStore
 from ihld.plugins.host import PluginHost
 
 log = structlog.get_logger("ihld")
@@ -48,9 +52,41 @@ def make_resolver(host: PluginHost) -> Resolver:
     return resolve
 
 
-def quarantine_checkpoint(spool: Spool, job_id: str, error: str) -> None:
+def adopt_checkpoints(spool: Spool, store: JobStore) -> int:
+    """Move the checkpoint files of an ihld before the job store into it (an upgrade).
+
+    Each is stored (with its progress) before its file is removed; one that
+    cannot be read is kept under ``failed/inputs`` and its job failed, never lost.
+    """
+    adopted = 0
+    for path in spool.legacy_checkpoints():
+        job_id = path.name[:-5]
+        if spool.is_finished(job_id):
+            path.unlink()  # published just before the crash that left it
+            continue
+        try:
+            record = jsonsafe.loads(path.read_text(encoding="utf-8"))
+            job = Job.from_record(record["job"])
+            progress = {
+                "deadline_at": record.get("deadline_at"),
+                "recoveries": int(record.get("recoveries", 0)),
+                "outputs": record.get("outputs", {}),
+                "stages": record.get("stages", {}),
+                "events": record.get("events", []),
+            }
+            claimed_at = float(record.get("claimed_at", time.time()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            quarantine_checkpoint(spool, path, repr(exc))
+            continue
+        store.adopt(job, claimed_at, jsonsafe.dumps(progress, compact=True))
+        path.unlink()
+        adopted += 1
+    return adopted
+
+
+def quarantine_checkpoint(spool: Spool, path: Path, error: str) -> None:
     """A checkpoint that cannot be read: its bytes kept, the job failed (never lost)."""
-    path = spool.jobs / f"{job_id}.json"
+    job_id = path.name[:-5]
     kept = spool.failed_inputs / f"checkpoint-{job_id}.json"
     record = {
         "id": job_id,
@@ -63,7 +99,7 @@ def quarantine_checkpoint(spool: Spool, job_id: str, error: str) -> None:
     log.error("checkpoint_corrupt", job_id=job_id, error=error)
 
 
-async def poison(spool: Spool, progress: JobProgress) -> None:
+async def poison(spool: Spool, store: JobStore, progress: JobProgress) -> None:
     """A job that was running at every one of the last crashes: failed as poison."""
     message = (
         f"the daemon died {progress.recoveries} times while this job was running "
@@ -71,5 +107,5 @@ async def poison(spool: Spool, progress: JobProgress) -> None:
     )
     record = progress.failure(None, "poison", message)
     await asyncio.to_thread(spool.publish_failure, progress.job.id, record)
-    await asyncio.to_thread(spool.remove_checkpoint, progress.job.id)
+    await asyncio.to_thread(store.drop, progress.job.id)
     log.error("job_poisoned", job_id=progress.job.id, recoveries=progress.recoveries)

@@ -51,7 +51,6 @@ _INT_OPTIONS = {
 _BOOL_OPTIONS = {"use_mmap", "numa", "low_vram", "use_mlock", "penalize_newline"}
 
 
-
 class BadRequest(ValueError):
     """A request Ollama would answer with 400; the message is the error text."""
 

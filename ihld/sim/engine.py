@@ -41,8 +41,18 @@ FOREVER_S = (2**63 - 1) / 1e9
 # Architectures Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
 # (server/sched.go, where numParallel is forced to 1), and embedding models.
 PARALLEL_ONE = frozenset(
-    {"mllama", "qwen3vl", "qwen3vlmoe", "qwen3next", "lfm2", "lfm2moe", "nemotron_h",
-     "nemotron_h_moe", "bert", "nomic-bert"}
+    {
+        "mllama",
+        "qwen3vl",
+        "qwen3vlmoe",
+        "qwen3next",
+        "lfm2",
+        "lfm2moe",
+        "nemotron_h",
+        "nemotron_h_moe",
+        "bert",
+        "nomic-bert",
+    }
 )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ihld.core.store import read_progress
 from tests.conftest import drop
 from tests.real.conftest import (
     BACKEND,
@@ -57,15 +58,10 @@ def loads_total(router: Router) -> int:
 
 
 def finished_stages(rig: RealRig) -> set[tuple[str, str]]:
-    """Stages on disk as finished: checkpoints under work/ and results in outbox/."""
+    """Stages on disk as finished: progress in the job store and results in outbox/."""
     done: set[tuple[str, str]] = set()
-    for path in (rig.spool / "work").rglob("*.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a checkpoint being replaced right now
-        if isinstance(record, dict) and isinstance(record.get("outputs"), dict):
-            done |= {(record["job"]["id"], name) for name in record["outputs"]}
+    for job_id, progress in read_progress(rig.spool / "work" / "queue.db").items():
+        done |= {(job_id, name) for name in progress["outputs"]}
     for job_id, result in rig.results().items():
         done |= {(job_id, s["name"]) for s in result["stages"]}
     return done

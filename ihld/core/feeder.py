@@ -1,0 +1,110 @@
+"""The feeder: jobs from the job store into the engine, while the engine has room.
+
+A waiting job lives only in the store (``ihld.core.store``). The engine holds
+at most ``[limits] max_jobs_in_memory`` jobs; whenever it has room (a chunk
+of jobs came in, jobs ended), the feeder takes the next jobs from the store
+(started ones first, then by priority and age) and *materialises* them: a
+``JobProgress`` with its ready stages queued for the scheduler.
+
+After a crash, a job that was in memory may have ended just before it
+(its result published, its removal from the store lost): such a job is
+checked against ``outbox/`` and ``failed/`` when it is taken, and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from ihld.core.progress import JobProgress
+from ihld.core.spool import Spool
+from ihld.core.store import JobStore
+
+log = structlog.get_logger("ihld")
+
+BATCH = 1000  # jobs taken from the store at once
+
+
+class Feeder:
+    def __init__(
+        self,
+        store: JobStore,
+        spool: Spool,
+        *,
+        in_memory: Callable[[], int],
+        limit: Callable[[], int],
+        admit: Callable[[JobProgress], None],
+        default_deadline_s: Callable[[], float | None],
+        suspects: set[str],
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.in_memory = in_memory  # jobs the engine holds now
+        self.limit = limit  # [limits] max_jobs_in_memory (a reload may change it)
+        self.admit = admit
+        self.default_deadline_s = default_deadline_s
+        self.suspects = suspects  # ids in memory when the last daemon died
+        self._wake = asyncio.Event()
+        self.idle = asyncio.Event()  # set when the store had nothing left to take
+        self._taking = False
+        self._empty = False
+        self.taken = 0
+
+    def wake(self) -> None:
+        self.idle.clear()
+        self._wake.set()
+
+    def drained(self) -> bool:
+        """Nothing in the store that is not in the engine (``--once`` may stop)."""
+        return not self._taking and not self.store.backlog()
+
+    def room(self) -> int:
+        """How many jobs to take now: none until a batch's worth of room (or the rest)."""
+        backlog = self.store.backlog()
+        room = self.limit() - self.in_memory()
+        want = min(BATCH, backlog, max(1, self.limit() // 10))
+        return min(room, BATCH, backlog) if room >= want and backlog else 0
+
+    async def run(self) -> None:
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while (count := self.room()) > 0:
+                self._taking = True
+                try:
+                    taken = await asyncio.to_thread(self._take, count)
+                finally:
+                    self._taking = False
+                if not taken and self._empty:
+                    break  # the counts were off (jobs ended meanwhile); recounted
+                for progress in taken:
+                    if not progress.records:
+                        log.info(
+                            "job_claimed",
+                            job_id=progress.job.id,
+                            stages=len(progress.job.stages),
+                            priority=progress.job.priority,
+                        )
+                    self.admit(progress)
+                    self.taken += 1
+            if not self.store.backlog():
+                self.idle.set()
+
+    def _take(self, count: int) -> list[JobProgress]:
+        """Blocking: the next jobs, minus those that ended just before a crash."""
+        out = []
+        stored_jobs = self.store.take(count)
+        self._empty = not stored_jobs
+        if self._empty:
+            self.store.recount()
+        for stored in stored_jobs:
+            if stored.id in self.suspects:
+                self.suspects.discard(stored.id)
+                if self.spool.is_finished(stored.id):
+                    self.store.drop(stored.id)  # published; its removal was lost
+                    continue
+            out.append(JobProgress.from_stored(stored, self.default_deadline_s()))
+        return out

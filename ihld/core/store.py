@@ -1,0 +1,453 @@
+"""The job store: every accepted job until it ends, in one SQLite database.
+
+``work/queue.db`` (WAL mode, ``synchronous=FULL``: a commit is on disk when
+it returns) holds, per accepted job, one compact row: its id, its batch and
+line, its priority, a reference to its resolved stages (stored once per
+distinct pipeline, not per job), its input as compact JSON and, once a stage
+has finished, its progress (outputs, stage records, timeline). A job nobody
+has started costs that row and nothing in memory; the daemon *materialises*
+jobs (``take``) while the engine has room, started ones first, then by
+priority and arrival.
+
+Why SQLite rather than files: a million waiting jobs must cost neither a
+file each nor an object each. The queue index answers "the next N jobs by
+priority, then age" without reading the rest; the unique index on ``id``
+catches duplicate submissions; a transaction makes a whole intake chunk, or
+a whole group of finished stages, durable at once (one WAL fsync), and a
+kill in the middle of one leaves the last committed state. A restart reads
+only the jobs that had started, so it takes the same time whatever the queue.
+
+One connection, guarded by a lock: intake, the committer and the feeder all
+call in from worker threads. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ihld.common import failpoints
+from ihld.core.jobs import Job, StageSpec
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    claim TEXT NOT NULL UNIQUE,     -- the claimed file's name under work/claimed
+    file TEXT NOT NULL,             -- the name the user gave it
+    claimed_at REAL NOT NULL,
+    recorded INTEGER NOT NULL DEFAULT 0,   -- entries recorded so far (a replay resumes after)
+    ingested INTEGER NOT NULL DEFAULT 0    -- every entry is recorded
+);
+CREATE TABLE IF NOT EXISTS stagesets (
+    id INTEGER PRIMARY KEY,
+    stages TEXT NOT NULL UNIQUE,    -- resolved stages, compact JSON
+    pipeline TEXT,
+    model TEXT NOT NULL             -- the first stage's model key (status, ordering)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    id TEXT NOT NULL UNIQUE,
+    batch INTEGER NOT NULL,
+    line INTEGER,
+    priority INTEGER NOT NULL,
+    stageset INTEGER NOT NULL,
+    deadline_s REAL,
+    input TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 0,      -- materialised by the running daemon
+    progress TEXT                           -- NULL until a stage has finished
+);
+CREATE INDEX IF NOT EXISTS queue ON jobs (active, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS started ON jobs (seq) WHERE progress IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A claimed file as the store knows it."""
+
+    id: int
+    claim: str
+    file: str
+    claimed_at: float
+    recorded: int  # entries recorded so far: a replay after a crash resumes after them
+    ingested: bool
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """An accepted entry, as intake records it."""
+
+    id: str
+    line: int | None
+    priority: int
+    stages: tuple[StageSpec, ...]
+    pipeline: str | None
+    deadline_s: float | None
+    input: str  # compact JSON
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """A job read back for the engine: everything ``JobProgress`` needs."""
+
+    seq: int
+    id: str
+    batch: Batch
+    line: int | None
+    priority: int
+    stages: tuple[StageSpec, ...]
+    pipeline: str | None
+    deadline_s: float | None
+    input: Any
+    progress: dict[str, Any] | None  # None: no stage finished yet
+
+
+def stages_text(stages: Sequence[StageSpec]) -> str:
+    return json.dumps(
+        [s.model_dump(mode="json", exclude_defaults=True) for s in stages],
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+class JobStore:
+    """The SQLite job store of one spool (or node)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._stageset_ids: dict[str, int] = {}
+        self._stagesets: dict[int, tuple[tuple[StageSpec, ...], str | None, str]] = {}
+        # the tuple itself is kept, so its id is not reused while it is a key
+        self._by_identity: dict[int, tuple[tuple[StageSpec, ...], int]] = {}
+        self._batches: dict[int, Batch] = {}
+        self.waiting: Counter[str] = Counter()  # jobs not started, not in memory, by model
+        self._started = 0  # jobs started (by an earlier daemon) and not in memory
+        for row in self._db.execute("SELECT id, stages, pipeline, model FROM stagesets"):
+            self._stageset_ids[row[1]] = row[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing; a failing disk is an ``OSError``, as for the spool's files."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                full = "full" in str(exc)
+                raise OSError(errno.ENOSPC if full else errno.EIO, f"job store: {exc}") from exc
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def start(self) -> set[str]:
+        """After a restart: nothing is in memory any more.
+
+        Returns the ids that were in memory when the last daemon stopped (one of
+        them may have ended just before a crash), and counts the waiting jobs.
+        """
+        with self._transaction() as db:
+            suspects = {r[0] for r in db.execute("SELECT id FROM jobs WHERE active = 1")}
+            db.execute("UPDATE jobs SET active = 0 WHERE active = 1")
+        self.recount()
+        return suspects
+
+    def recount(self) -> None:
+        """Count the jobs not in memory: not started (by first model), and started."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stageset, count(*) FROM jobs WHERE progress IS NULL AND active = 0 "
+                "GROUP BY stageset"
+            ).fetchall()
+            self._started = self._db.execute(
+                "SELECT count(*) FROM jobs INDEXED BY started "
+                "WHERE progress IS NOT NULL AND active = 0"
+            ).fetchone()[0]
+            self.waiting = Counter()
+            for stageset, count in rows:
+                self.waiting[self._stageset(stageset)[2]] += count
+
+    def backlog(self) -> int:
+        """Jobs stored and not in memory."""
+        with self._lock:
+            return sum(self.waiting.values()) + self._started
+
+    def waiting_by_model(self) -> dict[str, int]:
+        """Jobs not started and not in memory, by their first stage's model."""
+        with self._lock:
+            return dict(self.waiting)
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def batch(self, claim: str, file: str) -> Batch:
+        """The batch of a claimed file: created at its first intake, found at a replay."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO batches (claim, file, claimed_at) VALUES (?, ?, ?)",
+                (claim, file, round(time.time(), 6)),
+            )
+            row = db.execute(
+                "SELECT id, claim, file, claimed_at, recorded, ingested FROM batches "
+                "WHERE claim = ?",
+                (claim,),
+            ).fetchone()
+        batch = Batch(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+        self._batches[batch.id] = batch
+        return batch
+
+    def existing(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` the store holds (duplicate submissions)."""
+        wanted = list(ids)
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0]
+                    for r in self._db.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk)
+                )
+        return found
+
+    def add(self, batch: Batch, jobs: Sequence[NewJob], *, recorded: int, done: bool) -> None:
+        """Record a chunk of accepted jobs and the batch's resume point, atomically."""
+        rows = []
+        counts: Counter[str] = Counter()
+        with self._transaction() as db:
+            for job in jobs:
+                stageset = self._stageset_id(db, job.stages, job.pipeline)
+                counts[self._stagesets[stageset][2]] += 1
+                rows.append(
+                    (job.id, batch.id, job.line, job.priority, stageset, job.deadline_s, job.input)
+                )
+            db.executemany(
+                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, input) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            failpoints.hit("store.intake_before_commit")
+            db.execute(
+                "UPDATE batches SET recorded = ?, ingested = ? WHERE id = ?",
+                (recorded, int(done), batch.id),
+            )
+            self.waiting.update(counts)
+
+    def _stageset_id(
+        self, db: sqlite3.Connection, stages: tuple[StageSpec, ...], pipeline: str | None
+    ) -> int:
+        same = self._by_identity.get(id(stages))  # a named pipeline: one tuple for all its jobs
+        if same is not None and same[0] is stages:
+            return same[1]
+        text = stages_text(stages)
+        found = self._stageset_ids.get(text)
+        if found is not None:
+            self._by_identity[id(stages)] = (stages, found)
+            return found
+        model = stages[0].model_key() if stages else ""
+        cur = db.execute(
+            "INSERT INTO stagesets (stages, pipeline, model) VALUES (?, ?, ?)",
+            (text, pipeline, model),
+        )
+        assert cur.lastrowid is not None
+        self._stageset_ids[text] = cur.lastrowid
+        self._stagesets[cur.lastrowid] = (stages, pipeline, model)
+        self._by_identity[id(stages)] = (stages, cur.lastrowid)
+        return cur.lastrowid
+
+    def _stageset(self, stageset: int) -> tuple[tuple[StageSpec, ...], str | None, str]:
+        found = self._stagesets.get(stageset)
+        if found is None:
+            row = self._db.execute(
+                "SELECT stages, pipeline, model FROM stagesets WHERE id = ?", (stageset,)
+            ).fetchone()
+            stages = tuple(StageSpec.model_validate(s) for s in json.loads(row[0]))
+            found = (stages, row[1], row[2])
+            self._stagesets[stageset] = found
+        return found
+
+    def _batch(self, batch_id: int) -> Batch:
+        found = self._batches.get(batch_id)
+        if found is None:
+            row = self._db.execute(
+                "SELECT id, claim, file, claimed_at, recorded, ingested FROM batches WHERE id = ?",
+                (batch_id,),
+            ).fetchone()
+            found = Batch(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+            self._batches[batch_id] = found
+        return found
+
+    def adopt(self, job: Job, claimed_at: float, progress: str) -> bool:
+        """A job checkpointed by an ihld before the store (upgrade); False if already here."""
+        source = job.source
+        claim = str(source.get("claim") or f"checkpoint:{job.id}")
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job.id,)).fetchone():
+                return False
+            db.execute(
+                "INSERT OR IGNORE INTO batches (claim, file, claimed_at, ingested) "
+                "VALUES (?, ?, ?, 1)",
+                (claim, str(source.get("file") or job.id), claimed_at),
+            )
+            (batch,) = db.execute("SELECT id FROM batches WHERE claim = ?", (claim,)).fetchone()
+            stageset = self._stageset_id(db, job.stages, job.pipeline)
+            db.execute(
+                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, input, "
+                "progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    batch,
+                    source.get("line"),
+                    job.priority,
+                    stageset,
+                    job.deadline_s,
+                    json.dumps(job.input, ensure_ascii=False, separators=(",", ":")),
+                    progress,
+                ),
+            )
+        return True
+
+    # -- feeding the engine -------------------------------------------------------------
+
+    def take(self, limit: int) -> list[StoredJob]:
+        """Up to ``limit`` jobs not in memory: started ones first, then priority, then age.
+
+        They are marked active, so the next call returns others.
+        """
+        columns = "seq, id, batch, line, priority, stageset, deadline_s, input, progress"
+        with self._transaction() as db:
+            rows = []
+            if self._started:  # left by an earlier daemon
+                rows = db.execute(
+                    f"SELECT {columns} FROM jobs INDEXED BY started "
+                    "WHERE progress IS NOT NULL AND active = 0 ORDER BY seq LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            if len(rows) < limit:
+                rows += db.execute(
+                    f"SELECT {columns} FROM jobs WHERE active = 0 "
+                    "ORDER BY active, priority DESC, seq LIMIT ?",
+                    (limit - len(rows),),
+                ).fetchall()
+            db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
+            return [self._stored(row) for row in rows]
+
+    def load(self, ids: Iterable[str]) -> list[StoredJob]:
+        """These jobs' rows, whether in memory or not (crash recovery of running jobs)."""
+        columns = "seq, id, batch, line, priority, stageset, deadline_s, input, progress"
+        out = []
+        with self._lock:
+            for job_id in ids:
+                row = self._db.execute(
+                    f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)
+                ).fetchone()
+                if row is not None:
+                    out.append(self._stored(row, taking=False))
+        return out
+
+    def _stored(self, row: tuple[Any, ...], *, taking: bool = True) -> StoredJob:
+        seq, job_id, batch, line, priority, stageset, deadline_s, text, progress = row
+        stages, pipeline, model = self._stageset(stageset)
+        if not taking:
+            pass
+        elif progress is None:
+            self.waiting[model] -= 1
+            if self.waiting[model] <= 0:
+                del self.waiting[model]
+        else:
+            self._started = max(0, self._started - 1)
+        return StoredJob(
+            seq=seq,
+            id=job_id,
+            batch=self._batch(batch),
+            line=line,
+            priority=priority,
+            stages=stages,
+            pipeline=pipeline,
+            deadline_s=deadline_s,
+            input=json.loads(text),
+            progress=None if progress is None else json.loads(progress),
+        )
+
+    # -- progress -----------------------------------------------------------------------
+
+    def commit(self, saves: Sequence[tuple[str, str]], drops: Sequence[str] = ()) -> None:
+        """Durably record jobs' progress (compact JSON) and drop ended jobs, in one go."""
+        if not saves and not drops:
+            return
+        with self._transaction() as db:
+            for n, (job_id, progress) in enumerate(saves):
+                db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, job_id))
+                if n == len(saves) // 2:
+                    failpoints.hit("store.progress_mid_write")
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(d,) for d in drops])
+            if saves:
+                failpoints.hit("checkpoint.before_publish")
+            if drops:
+                failpoints.hit("checkpoint.before_remove")
+        if saves:
+            failpoints.hit("checkpoint.after_publish")
+        if drops:
+            failpoints.hit("checkpoint.after_remove")
+
+    def drop(self, job_id: str) -> None:
+        """A job that ended outside the engine (poison, an unreadable row)."""
+        self.commit((), (job_id,))
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def count(self) -> int:
+        with self._lock:
+            value: int = self._db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        return value
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM jobs ORDER BY seq")]
+
+
+def read_progress(path: Path) -> dict[str, dict[str, Any]]:
+    """Read-only, from another process: each started job's progress, by id (tests, tools)."""
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        rows = db.execute("SELECT id, progress FROM jobs WHERE progress IS NOT NULL").fetchall()
+    finally:
+        db.close()
+    return {job_id: json.loads(text) for job_id, text in rows}
+
+
+def count_jobs(path: Path) -> int:
+    """Read-only: how many jobs the store holds (``ihld status`` with the daemon down)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        value: int = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    finally:
+        db.close()
+    return value

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ihld.core.store import count_jobs, read_progress
+from ihld.core.storeview import count_jobs, read_ids, read_progress
 
 REPO = Path(__file__).resolve().parent.parent
 IHLD = [sys.executable, "-m", "ihld"]
@@ -723,10 +723,12 @@ class Torture:
         ]
         report.max_recoveries_seen = max(recoveries, default=0)
         report.would_be_poison_at_3 = sum(1 for n in recoveries if n >= 3)
-        for directory in ("inbox", "work/claimed", "work/jobs"):
+        for directory in ("inbox", "work/claimed"):
             for path in (self.spool / directory).iterdir():
                 report.leftovers.append(f"{directory}/{path.name}")
-        for directory in ("outbox", "failed", "work/jobs", "work/claimed"):
+        stored = read_ids(self.spool / "work" / "queue.db")
+        report.leftovers += [f"work/queue.db: {job_id}" for job_id in stored]
+        for directory in ("outbox", "failed", "work/claimed"):
             for path in (self.spool / directory).iterdir():
                 if path.name.endswith(".tmp"):
                     report.leftovers.append(f"{directory}/{path.name}")

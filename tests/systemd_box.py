@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ihld.core.store import count_jobs
+from ihld.core.storeview import count_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 BOX_TOOLS = Path(os.environ.get("IHLD_SYSBOX_TOOLS", "/work/shared/systemd-box"))

@@ -726,8 +726,8 @@ def test_non_utf8_names_are_recorded_as_valid_utf8(tmp_path: Path) -> None:
         fh.write(b'{"pipeline":"p"}')
     entry = intake.spool.scan_inbox()[0]
     result = intake.claim_and_read(entry)
-    [progress] = result.accepted
-    assert progress.job.source["file"] == "bad\\xff.json"
+    [stored] = intake.store.load(result.accepted)
+    assert stored.batch.file == "bad\\xff.json"
     (intake.spool.inbox / "x.json").symlink_to("/etc/passwd")
     os.symlink("/etc/passwd", os.fsencode(intake.spool.inbox) + b"/l\xfe.json")
     for entry in intake.spool.scan_inbox():

@@ -12,7 +12,9 @@ from ihld.common import failpoints
 from ihld.core.commit import GroupCommitter
 from ihld.core.jobs import StageSpec
 from ihld.core.spool import Spool
-from ihld.core.store import JobStore, NewJob, read_progress
+from ihld.core.store import JobStore
+from ihld.core.storerows import NewJob
+from ihld.core.storeview import read_progress
 
 STAGES = (StageSpec(name="a", model="m", needs=()),)
 
@@ -31,7 +33,7 @@ def store(spool: Spool) -> JobStore:
 
 def queued(store: JobStore, *ids: str) -> None:
     batch = store.batch("claim.jsonl", "f.jsonl")
-    jobs = [NewJob(i, None, 0, STAGES, None, None, "{}") for i in ids]
+    jobs = [NewJob(i, None, 0, STAGES, None, None, None, "{}") for i in ids]
     store.add(batch, jobs, recorded=len(ids), done=True)
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ihld.core.store import read_progress
+from ihld.core.storeview import read_progress
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
 

@@ -196,7 +196,9 @@ def test_status_of_a_running_daemon(
         if (status["jobs"]["done"] == 8 and ps and ps["models"]) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert status["jobs"] == {"in_progress": 0, "done": 8, "failed": 0, "rejected": 0}
+    assert status["jobs"] == {
+        "in_progress": 0, "done": 8, "failed": 0, "rejected": 0, "waiting": 0
+    }
     assert status["stages"]["done"] == 24
     models = status["models"]
     assert models["qwen2.5:7b"]["done"] == 16 and models["gemma2:9b"]["done"] == 8

@@ -89,9 +89,10 @@ class SimProcess:
         seed: int,
         log: Path,
         timeout_s: float = 30.0,
+        port: int = 0,
     ) -> None:
         args = [
-            *IHLD, "sim", "--port", "0", "--profile", profile, "--speed", repr(speed),
+            *IHLD, "sim", "--port", str(port), "--profile", profile, "--speed", repr(speed),
             "--seed", str(seed), "--slots", str(slots), "--max-loaded", str(max_loaded),
         ]  # fmt: skip
         with open(log, "wb") as err:

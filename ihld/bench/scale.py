@@ -4,20 +4,26 @@
     ihld bench --workload scale-100k --json
 
 For each size N, one JSONL file of N debate jobs goes into the inbox of a
-daemon running against the ``instant`` simulator profile (4 slots). Measured:
+daemon whose backend (the ``instant`` simulator profile, 4 slots) is not up
+yet, so the queue is measured alone:
 
 * **claim rate**: N / (file accepted - file dropped), from the event log;
 * **memory**: the daemon's resident set (``VmRSS``) once the file is in and
   the engine's window is full, and its peak (``VmHWM``);
-* **disk**: the job store's bytes (``work/queue.db`` and its WAL) per queued job;
+* **disk**: the job store's bytes (``work/queue.db`` and its WAL) per queued job.
+
+Then the simulator starts and jobs run; once 1,000 stages are done:
+
+* **busy claim rate**: a second file of N/10 jobs while the slots are busy
+  (intake shares the daemon's interpreter with the engine);
 * **restart**: the daemon is killed (``SIGKILL``) and started again; the time
   from ``exec`` to ``daemon_ready`` (``READY=1`` follows it), and memory again;
 * **10 % half done**: killed again, 10 % of the waiting jobs are given the
   progress of a job that finished its first stage (a real one from this run,
   written into the store: a run would take hours to get there), restarted.
 
-Jobs keep running on the simulator throughout, as they would; the window of
-jobs in memory (``[limits] max_jobs_in_memory``) is the same at every size.
+The window of jobs in memory (``[limits] max_jobs_in_memory``) is the same
+at every size.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import tempfile
 import time
@@ -45,7 +52,8 @@ SIZES = {"scale-10k": 10_000, "scale-100k": 100_000, "scale-1m": 1_000_000}
 class ScaleResult:
     jobs: int
     claim_s: float
-    claim_rate: float  # jobs/s
+    claim_rate: float  # jobs/s, nothing running yet
+    busy_claim_rate: float  # jobs/s of a second file (N/10) while the simulator's slots are busy
     rss_mb: float  # after intake, the window full
     peak_mb: float  # VmHWM during intake
     disk_bytes_per_job: float
@@ -78,6 +86,12 @@ class _Log:
         self.path = path
         self.offset = 0
         self.found: dict[str, list[dict[str, Any]]] = {}
+        self.stages_finished = 0
+
+    def poll(self) -> int:
+        """Read what is new; the stages finished so far."""
+        self.events("")
+        return self.stages_finished
 
     def events(self, name: str) -> list[dict[str, Any]]:
         try:
@@ -88,6 +102,7 @@ class _Log:
             return self.found.get(name, [])
         end = data.rfind(b"\n") + 1
         self.offset += end
+        self.stages_finished += data.count(b'"event":"stage_finished"', 0, end)
         for line in data[:end].splitlines():
             if b'"event":"daemon_ready"' in line or b'"event":"file_accepted"' in line:
                 event = json.loads(line)
@@ -115,7 +130,7 @@ def _start(config: Path, root: Path, log: _Log, runs: int) -> tuple[DaemonProces
     return daemon, ready - started
 
 
-def _settled_memory(daemon: DaemonProcess, spool: Path) -> float:
+def _settled_memory(daemon: DaemonProcess) -> float:
     """RSS once the feeder has filled the engine's window (the taking stops growing)."""
     time.sleep(2.0)
     return _memory(daemon.proc.pid)[0]
@@ -140,50 +155,73 @@ def _half_done(spool: Path, share: float = 0.1) -> None:
         db.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _write_jobs(path: Path, jobs: int, prefix: str) -> int:
+    with open(path, "w", encoding="utf-8") as fh:
+        for n in range(jobs):
+            fh.write(json.dumps(debate_job(n, prefix=prefix), separators=(",", ":")) + "\n")
+    return path.stat().st_size
+
+
+def _claim(spool: Path, batch: Path, log: _Log, files: int) -> float:
+    """Drop ``batch`` into the inbox; seconds until the daemon has accepted all of it."""
+    dropped = time.time()
+    submit_file(batch, spool / "inbox")
+    wait_for(lambda: len(log.events("file_accepted")) >= files, 1800, f"{batch.name}", 0.05)
+    return epoch(log.events("file_accepted")[files - 1]["timestamp"]) - dropped
+
+
 def run_size(jobs: int, workdir: Path) -> ScaleResult:
     root = workdir / f"scale-{jobs}"
     root.mkdir(parents=True)
     spool = root / "spool"
     (spool / "inbox").mkdir(parents=True)
-    batch = root / "scale.jsonl"
-    with open(batch, "w", encoding="utf-8") as fh:
-        for n in range(jobs):
-            fh.write(json.dumps(debate_job(n, prefix="scale"), separators=(",", ":")) + "\n")
-    source_bytes = batch.stat().st_size
-    sim = SimProcess("instant", 1.0, slots=4, max_loaded=3, seed=0, log=root / "sim.log")
-    daemon: DaemonProcess | None = None
+    source_bytes = _write_jobs(root / "scale.jsonl", jobs, "scale")
+    busy_jobs = max(1000, jobs // 10)
+    _write_jobs(root / "busy.jsonl", busy_jobs, "busy")
+    port = _free_port()  # the simulator starts once the queue is measured
+    config = _config(root, f"http://127.0.0.1:{port}")
     log = _Log(spool / "log" / "ihld.jsonl")
+    sim: SimProcess | None = None
+    daemon, _ready = _start(config, root, log, 0)
     try:
-        config = _config(root, sim.url)
-        daemon, _ready = _start(config, root, log, 0)
-        dropped = time.time()
-        submit_file(batch, spool / "inbox")
-        wait_for(lambda: log.events("file_accepted"), 1800, "the file to be accepted", 0.05)
-        accepted = epoch(log.events("file_accepted")[0]["timestamp"])
+        claim_s = _claim(spool, root / "scale.jsonl", log, 1)
         disk = _store_bytes(spool)
-        rss = _settled_memory(daemon, spool)
+        rss = _settled_memory(daemon)
         peak = _memory(daemon.proc.pid)[1]
+
+        sim = SimProcess(
+            "instant", 1.0, slots=4, max_loaded=3, seed=0, log=root / "sim.log", port=port
+        )
+        wait_for(lambda: log.poll() >= 1000, 600, "1,000 stages on the simulator")
+        busy_s = _claim(spool, root / "busy.jsonl", log, 2)
 
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         daemon, restart_ready = _start(config, root, log, 1)
-        restart_rss = _settled_memory(daemon, spool)
+        restart_rss = _settled_memory(daemon)
 
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         _half_done(spool)
         half_disk = _store_bytes(spool)
         daemon, half_ready = _start(config, root, log, 2)
-        half_rss = _settled_memory(daemon, spool)
+        half_rss = _settled_memory(daemon)
     finally:
-        if daemon is not None:
-            daemon.stop()
-        sim.stop()
-    claim_s = accepted - dropped
+        daemon.stop()
+        if sim is not None:
+            sim.stop()
     return ScaleResult(
         jobs=jobs,
         claim_s=round(claim_s, 3),
         claim_rate=round(jobs / claim_s),
+        busy_claim_rate=round(busy_jobs / busy_s),
         rss_mb=round(rss, 1),
         peak_mb=round(peak, 1),
         disk_bytes_per_job=round(disk / jobs, 1),
@@ -191,7 +229,7 @@ def run_size(jobs: int, workdir: Path) -> ScaleResult:
         restart_rss_mb=round(restart_rss, 1),
         half_done_ready_s=round(half_ready, 3),
         half_done_rss_mb=round(half_rss, 1),
-        half_done_disk_bytes_per_job=round(half_disk / jobs, 1),
+        half_done_disk_bytes_per_job=round(half_disk / (jobs + busy_jobs), 1),
         source_bytes_per_job=round(source_bytes / jobs, 1),
     )
 
@@ -199,6 +237,7 @@ def run_size(jobs: int, workdir: Path) -> ScaleResult:
 ROWS = (
     ("claim rate (jobs/s)", "claim_rate"),
     ("claim time (s)", "claim_s"),
+    ("claim rate, N/10 more while 4 slots are busy (jobs/s)", "busy_claim_rate"),
     ("resident memory after intake (MB)", "rss_mb"),
     ("peak resident memory (MB)", "peak_mb"),
     ("job store bytes per queued job", "disk_bytes_per_job"),
@@ -224,9 +263,7 @@ def bench_scale(names: list[str], *, jobs: int | None, as_json: bool, keep: bool
     if as_json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return 0
-    print(
-        f"scale: {os.cpu_count()} CPUs; instant simulator, 4 slots; the same window at every size"
-    )
+    print(f"scale: {os.cpu_count()} CPUs; instant simulator, 4 slots; one window at every size")
     header = "| | " + " | ".join(f"{r.jobs:,} jobs" for r in results) + " |"
     print(header)
     print("|---|" + "---:|" * len(results))

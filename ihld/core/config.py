@@ -57,7 +57,7 @@ class LimitsConfig(_Strict):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=1.0, ge=0)
     job_deadline_s: float | None = Field(default=None, gt=0)  # None: outages only delay
-    max_jobs_in_memory: int = Field(default=100_000, ge=1)
+    max_jobs_in_memory: int = Field(default=10_000, ge=1)  # the rest waits in the store
 
 
 class LogConfig(_Strict):

@@ -153,10 +153,13 @@ class Engine:
 
     # -- jobs in ----------------------------------------------------------------
 
-    def add_job(self, progress: JobProgress) -> None:
+    def add_job(self, progress: JobProgress, *, ready: bool = True) -> None:
+        """Take a job into memory; its ready stages are queued (``ready=False``: a job
+        taken only to be failed, past its deadline)."""
         self.jobs[progress.job.id] = progress
         self._idle.clear()
-        self._enqueue_ready(progress)
+        if ready:
+            self._enqueue_ready(progress)
         self.kick()
 
     def _enqueue_ready(self, progress: JobProgress) -> None:

@@ -36,7 +36,6 @@ class Feeder:
         in_memory: Callable[[], int],
         limit: Callable[[], int],
         admit: Callable[[JobProgress], None],
-        default_deadline_s: Callable[[], float | None],
         suspects: set[str],
     ) -> None:
         self.store = store
@@ -44,7 +43,6 @@ class Feeder:
         self.in_memory = in_memory  # jobs the engine holds now
         self.limit = limit  # [limits] max_jobs_in_memory (a reload may change it)
         self.admit = admit
-        self.default_deadline_s = default_deadline_s
         self.suspects = suspects  # ids in memory when the last daemon died
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()  # set when the store had nothing left to take
@@ -58,7 +56,7 @@ class Feeder:
 
     def drained(self) -> bool:
         """Nothing in the store that is not in the engine (``--once`` may stop)."""
-        return not self._taking and not self.store.backlog()
+        return self.store.counted and not self._taking and not self.store.backlog()
 
     def room(self) -> int:
         """How many jobs to take now: none until a batch's worth of room (or the rest)."""
@@ -68,6 +66,8 @@ class Feeder:
         return min(room, BATCH, backlog) if room >= want and backlog else 0
 
     async def run(self) -> None:
+        if not self.store.counted:  # after a restart: one pass over the queue, after READY
+            await asyncio.to_thread(self.store.recount)
         self._wake.set()
         while True:
             await self._wake.wait()
@@ -106,5 +106,5 @@ class Feeder:
                 if self.spool.is_finished(stored.id):
                     self.store.drop(stored.id)  # published; its removal was lost
                     continue
-            out.append(JobProgress.from_stored(stored, self.default_deadline_s()))
+            out.append(JobProgress.from_stored(stored))
         return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,21 @@ from typing import Any
 
 from ihld.common import failpoints, jsonsafe
 from ihld.common.errors import JobError
-from ihld.common.fsio import numbered_names
 from ihld.core.batches import manifest
 from ihld.core.entries import Entry, read_entries
 from ihld.core.formats import IntakeFormat
 from ihld.core.inbox import InboxFile
 from ihld.core.jobs import Job, JobSpec, StageSpec
+from ihld.core.rejects import (
+    display_name,
+    failure_records,
+    reject_inbox_entry,
+    rejection,
+    stem_id,
+)
 from ihld.core.spool import Spool
-from ihld.core.store import Batch, JobStore, NewJob
+from ihld.core.store import JobStore
+from ihld.core.storerows import Batch, NewJob
 
 Resolver = Callable[[JobSpec, str, dict[str, Any]], Job]
 
@@ -45,18 +51,6 @@ class IntakeResult:
     keep_input: bool = False  # an entry was rejected: keep the file under failed/inputs
     file: str = ""
     rejected_ids: set[str] = field(default_factory=set)
-
-
-def rejection(
-    job_id: str, kind: str, message: str, source: dict[str, Any], **extra: Any
-) -> dict[str, Any]:
-    return {
-        "id": job_id,
-        "status": "rejected",
-        "error": {"stage": None, "kind": kind, "message": message, **extra},
-        "source": source,
-        "failed_at": round(time.time(), 6),
-    }
 
 
 @dataclass
@@ -78,6 +72,7 @@ class Intake:
         resolver: Resolver,
         *,
         max_bytes: int,
+        deadline_s: float | None = None,
         formats: Sequence[IntakeFormat] = (),
         on_added: Callable[[], None] = lambda: None,
     ) -> None:
@@ -85,10 +80,32 @@ class Intake:
         self.store = store
         self.resolver = resolver
         self.max_bytes = max_bytes
+        self.deadline_s = deadline_s  # [limits] job_deadline_s: a job's own deadline_s wins
         self.formats = formats  # the plugins' intake formats (a reload swaps them)
         self.on_added = on_added  # a chunk of jobs is in the store (called from the thread)
-        # Ids of jobs that ended (outbox/, failed/); the store knows those still queued.
-        self.known_ids = spool.known_ids()
+        self._known_ids: set[str] | None = None
+        self._ended: list[str] = []  # jobs that ended before known_ids was read
+
+    @property
+    def known_ids(self) -> set[str]:
+        """Ids of jobs that ended (outbox/, failed/); the store knows those still queued.
+
+        Read at the first intake (in intake's thread, after READY): a directory
+        listing that grows with the jobs done, not with the queue.
+        """
+        known = self._known_ids
+        if known is None:
+            known = self.spool.known_ids()
+            self._known_ids = known  # from now on ``ended`` adds here; before, to the list
+            known.update(self._ended)
+        return known
+
+    def ended(self, job_id: str) -> None:
+        """A job ended: its id stays taken (called on the event loop, never blocks)."""
+        if self._known_ids is None:
+            self._ended.append(job_id)
+        else:
+            self._known_ids.add(job_id)
 
     @property
     def resolver(self) -> Resolver:
@@ -102,71 +119,11 @@ class Intake:
 
     def reject_entry(self, entry: InboxFile) -> dict[str, Any] | None:
         """A symlink, directory, FIFO or socket in the inbox: moved aside unopened."""
-        reasons = {
-            "symlink": "a symlink is not a job file; ihld never follows links",
-            "dir": "a directory is not a job file",
-            "fifo": "a FIFO is not a job file",
-            "socket": "a socket is not a job file",
-        }
-        if not os.path.lexists(self.spool.inbox / entry.name):
-            return None  # gone since the scan
-        job_id = _stem_id(entry.name)
-        shown = display_name(entry.name)
-        kind = entry.kind if entry.kind != "file" else "not_regular"
-        # Record first, then move: a crash in between leaves the entry in the inbox and
-        # its record, which the replay finds (and moves the entry to the name it gives).
-        target = self._unmoved_rejection(job_id, shown, kind)
-        record: dict[str, Any] | None = None
-        if target is None:
-            target = self.spool.reject_target(entry.name)
-            record = rejection(
-                job_id,
-                kind,
-                reasons.get(entry.kind, "not a regular file"),
-                {"file": shown, "kept_as": str(target.relative_to(self.spool.root))},
-            )
-            self.spool.publish_failure(job_id, record, first=2 if job_id in self.known_ids else 1)
-            self.known_ids.add(job_id)  # the name is taken: a later job with this id is a duplicate
-        failpoints.hit("reject.before_move")
-        self.spool.reject_inbox_entry(entry.name, target)
-        return record
-
-    def _unmoved_rejection(self, job_id: str, shown: str, kind: str) -> Path | None:
-        """After a crash: the ``kept_as`` of this entry's rejection record, if not moved yet."""
-        for path in self._failure_records(job_id):
-            try:
-                record = jsonsafe.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            src = record.get("source") or {}
-            kept = src.get("kept_as")
-            if (
-                record.get("status") == "rejected"
-                and (record.get("error") or {}).get("kind") == kind
-                and src.get("file") == shown
-                and "claim" not in src
-                and isinstance(kept, str)
-                and not (self.spool.root / kept).exists()
-                and not (self.spool.root / kept).is_symlink()
-            ):
-                return self.spool.root / kept
-        return None
-
-    def _failure_records(self, job_id: str) -> list[Path]:
-        """``failed/<id>.json`` and its ``<id>~N.json`` siblings (duplicates), in order."""
-        paths = []
-        for n, name in enumerate(numbered_names(job_id), start=1):
-            path = self.spool.failed / name
-            if not path.exists():
-                if n > 1:
-                    break
-                continue
-            paths.append(path)
-        return paths
+        return reject_inbox_entry(self.spool, entry, self.known_ids)
 
     def claim_and_read(self, entry: InboxFile) -> IntakeResult | None:
         """Claim one inbox file and process it; None if it vanished first."""
-        path = self.spool.claim(entry.name, _stem_id(entry.name))
+        path = self.spool.claim(entry.name, stem_id(entry.name))
         if path is None:
             return None
         return self.process(path, original=entry.name)
@@ -245,7 +202,7 @@ class Intake:
                 ):
                     result.keep_input = True
                 continue
-            self._one(entry, path, source, in_file, chunk, result)
+            self._one(entry, path, source, in_file, chunk, result, batch.claimed_at)
             if len(chunk.jobs) >= CHUNK:
                 self._commit(batch, chunk, path, result, recorded=number, done=False)
                 chunk = _Chunk()
@@ -325,6 +282,7 @@ class Intake:
         in_file: set[str],
         chunk: _Chunk,
         result: IntakeResult,
+        claimed_at: float,
     ) -> None:
         job_id = entry.job_id
         where = {**source, "line": entry.line} if entry.line is not None else dict(source)
@@ -351,6 +309,7 @@ class Intake:
         spec = entry.spec
         assert spec is not None
         chunk.where[job_id] = where
+        deadline = spec.deadline_s or self.deadline_s
         if job_id in self.known_ids:
             chunk.known.add(job_id)
         chunk.jobs.append(
@@ -361,6 +320,7 @@ class Intake:
                 stages=stages,
                 pipeline=spec.pipeline,
                 deadline_s=spec.deadline_s,
+                deadline_at=None if deadline is None else claimed_at + deadline,
                 input=json.dumps(spec.input, ensure_ascii=False, separators=(",", ":")),
             )
         )
@@ -411,7 +371,7 @@ class Intake:
             if stored.batch.claim == claim and stored.line == line:
                 return "jobs"
         paths = [
-            *(("failed", p) for p in self._failure_records(job_id)),
+            *(("failed", p) for p in failure_records(self.spool, job_id)),
             ("outbox", self.spool.outbox / f"{job_id}.json"),
         ]
         for where, path in paths:
@@ -428,18 +388,3 @@ class Intake:
 def _chain(first: Entry, rest: Iterator[Entry]) -> Iterator[Entry]:
     yield first
     yield from rest
-
-
-def display_name(name: str) -> str:
-    """A file name as records and logs show it: valid UTF-8 whatever its bytes.
-
-    ``os.listdir`` hands out undecodable bytes as lone surrogates, which no
-    UTF-8 writer accepts; they are shown as ``\\xff`` escapes instead.
-    """
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _stem_id(name: str) -> str:
-    from ihld.core.jobs import default_id_for
-
-    return default_id_for(os.path.splitext(name)[0])

@@ -15,7 +15,7 @@ from typing import Any
 
 from ihld.core.actors import ActorLike, StageContext, prompt_prefix
 from ihld.core.jobs import RUNNER_OPTIONS, Job, StageSpec
-from ihld.core.store import StoredJob
+from ihld.core.storerows import StoredJob
 from ihld.core.tasks import Task
 
 
@@ -115,7 +115,7 @@ class JobProgress:
         }
 
     @classmethod
-    def from_stored(cls, stored: StoredJob, default_deadline_s: float | None = None) -> JobProgress:
+    def from_stored(cls, stored: StoredJob) -> JobProgress:
         """A job read back from the store: fresh (no stage finished yet) or resumed."""
         batch = stored.batch
         source: dict[str, Any] = {"file": batch.file, "claim": batch.claim}
@@ -139,9 +139,7 @@ class JobProgress:
         )
         record = stored.progress
         if record is None:
-            deadline = stored.deadline_s or default_deadline_s
-            if deadline is not None:
-                progress.deadline_at = batch.claimed_at + deadline
+            progress.deadline_at = stored.deadline_at
             progress.events.append(
                 {
                     "t": batch.claimed_at,

@@ -39,7 +39,7 @@ from ihld.core.inbox import (
     read_job_file,
 )
 from ihld.core.inflight import read_inflight
-from ihld.core.store import count_jobs
+from ihld.core.storeview import count_jobs
 
 _seq = itertools.count()
 

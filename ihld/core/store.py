@@ -31,103 +31,25 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ihld.common import failpoints
 from ihld.core.jobs import Job, StageSpec
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY,
-    claim TEXT NOT NULL UNIQUE,     -- the claimed file's name under work/claimed
-    file TEXT NOT NULL,             -- the name the user gave it
-    claimed_at REAL NOT NULL,
-    recorded INTEGER NOT NULL DEFAULT 0,   -- entries recorded so far (a replay resumes after)
-    ingested INTEGER NOT NULL DEFAULT 0    -- every entry is recorded
-);
-CREATE TABLE IF NOT EXISTS stagesets (
-    id INTEGER PRIMARY KEY,
-    stages TEXT NOT NULL UNIQUE,    -- resolved stages, compact JSON
-    pipeline TEXT,
-    model TEXT NOT NULL             -- the first stage's model key (status, ordering)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
-    id TEXT NOT NULL UNIQUE,
-    batch INTEGER NOT NULL,
-    line INTEGER,
-    priority INTEGER NOT NULL,
-    stageset INTEGER NOT NULL,
-    deadline_s REAL,
-    input TEXT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 0,      -- materialised by the running daemon
-    progress TEXT                           -- NULL until a stage has finished
-);
-CREATE INDEX IF NOT EXISTS queue ON jobs (active, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS started ON jobs (seq) WHERE progress IS NOT NULL;
-"""
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A claimed file as the store knows it."""
-
-    id: int
-    claim: str
-    file: str
-    claimed_at: float
-    recorded: int  # entries recorded so far: a replay after a crash resumes after them
-    ingested: bool
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """An accepted entry, as intake records it."""
-
-    id: str
-    line: int | None
-    priority: int
-    stages: tuple[StageSpec, ...]
-    pipeline: str | None
-    deadline_s: float | None
-    input: str  # compact JSON
-
-
-@dataclass(frozen=True)
-class StoredJob:
-    """A job read back for the engine: everything ``JobProgress`` needs."""
-
-    seq: int
-    id: str
-    batch: Batch
-    line: int | None
-    priority: int
-    stages: tuple[StageSpec, ...]
-    pipeline: str | None
-    deadline_s: float | None
-    input: Any
-    progress: dict[str, Any] | None  # None: no stage finished yet
-
-
-def stages_text(stages: Sequence[StageSpec]) -> str:
-    return json.dumps(
-        [s.model_dump(mode="json", exclude_defaults=True) for s in stages],
-        separators=(",", ":"),
-        sort_keys=True,
-    )
+from ihld.core.storerows import COLUMNS, SCHEMA, Batch, NewJob, StoredJob, stages_text
 
 
 class JobStore:
     """The SQLite job store of one spool (or node)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = path
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
         self._lock = threading.Lock()
+        if exclusive:  # a spool on NFS: no shared-memory index, which hosts cannot share
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -138,6 +60,7 @@ class JobStore:
         self._batches: dict[int, Batch] = {}
         self.waiting: Counter[str] = Counter()  # jobs not started, not in memory, by model
         self._started = 0  # jobs started (by an earlier daemon) and not in memory
+        self.counted = True  # the counts are known (not right after ``start``)
         for row in self._db.execute("SELECT id, stages, pipeline, model FROM stagesets"):
             self._stageset_ids[row[1]] = row[0]
 
@@ -173,12 +96,13 @@ class JobStore:
         with self._transaction() as db:
             suspects = {r[0] for r in db.execute("SELECT id FROM jobs WHERE active = 1")}
             db.execute("UPDATE jobs SET active = 0 WHERE active = 1")
-        self.recount()
+        self.counted = False  # until ``recount``: a pass over the queue, done after READY
         return suspects
 
     def recount(self) -> None:
         """Count the jobs not in memory: not started (by first model), and started."""
         with self._lock:
+            self.counted = True
             rows = self._db.execute(
                 "SELECT stageset, count(*) FROM jobs WHERE progress IS NULL AND active = 0 "
                 "GROUP BY stageset"
@@ -242,11 +166,20 @@ class JobStore:
                 stageset = self._stageset_id(db, job.stages, job.pipeline)
                 counts[self._stagesets[stageset][2]] += 1
                 rows.append(
-                    (job.id, batch.id, job.line, job.priority, stageset, job.deadline_s, job.input)
+                    (
+                        job.id,
+                        batch.id,
+                        job.line,
+                        job.priority,
+                        stageset,
+                        job.deadline_s,
+                        job.deadline_at,
+                        job.input,
+                    )
                 )
             db.executemany(
-                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, input) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, deadline_at, "
+                "input) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             failpoints.hit("store.intake_before_commit")
@@ -300,7 +233,7 @@ class JobStore:
             self._batches[batch_id] = found
         return found
 
-    def adopt(self, job: Job, claimed_at: float, progress: str) -> bool:
+    def adopt(self, job: Job, claimed_at: float, deadline_at: float | None, progress: str) -> bool:
         """A job checkpointed by an ihld before the store (upgrade); False if already here."""
         source = job.source
         claim = str(source.get("claim") or f"checkpoint:{job.id}")
@@ -315,8 +248,8 @@ class JobStore:
             (batch,) = db.execute("SELECT id FROM batches WHERE claim = ?", (claim,)).fetchone()
             stageset = self._stageset_id(db, job.stages, job.pipeline)
             db.execute(
-                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, input, "
-                "progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, deadline_at, "
+                "input, progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     batch,
@@ -324,6 +257,7 @@ class JobStore:
                     job.priority,
                     stageset,
                     job.deadline_s,
+                    deadline_at,
                     json.dumps(job.input, ensure_ascii=False, separators=(",", ":")),
                     progress,
                 ),
@@ -337,7 +271,7 @@ class JobStore:
 
         They are marked active, so the next call returns others.
         """
-        columns = "seq, id, batch, line, priority, stageset, deadline_s, input, progress"
+        columns = COLUMNS
         with self._transaction() as db:
             rows = []
             if self._started:  # left by an earlier daemon
@@ -346,18 +280,20 @@ class JobStore:
                     "WHERE progress IS NOT NULL AND active = 0 ORDER BY seq LIMIT ?",
                     (limit,),
                 ).fetchall()
+                db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
             if len(rows) < limit:
-                rows += db.execute(
+                more = db.execute(
                     f"SELECT {columns} FROM jobs WHERE active = 0 "
                     "ORDER BY active, priority DESC, seq LIMIT ?",
                     (limit - len(rows),),
                 ).fetchall()
-            db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
+                db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in more])
+                rows += more
             return [self._stored(row) for row in rows]
 
     def load(self, ids: Iterable[str]) -> list[StoredJob]:
         """These jobs' rows, whether in memory or not (crash recovery of running jobs)."""
-        columns = "seq, id, batch, line, priority, stageset, deadline_s, input, progress"
+        columns = COLUMNS
         out = []
         with self._lock:
             for job_id in ids:
@@ -368,8 +304,19 @@ class JobStore:
                     out.append(self._stored(row, taking=False))
         return out
 
+    def expired(self, now: float, limit: int) -> list[StoredJob]:
+        """Up to ``limit`` jobs not in memory whose deadline has passed (marked active)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {COLUMNS} FROM jobs INDEXED BY deadlines "
+                "WHERE deadline_at IS NOT NULL AND deadline_at <= ? AND active = 0 LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
+            return [self._stored(row) for row in rows]
+
     def _stored(self, row: tuple[Any, ...], *, taking: bool = True) -> StoredJob:
-        seq, job_id, batch, line, priority, stageset, deadline_s, text, progress = row
+        seq, job_id, batch, line, priority, stageset, deadline_s, deadline_at, text, progress = row
         stages, pipeline, model = self._stageset(stageset)
         if not taking:
             pass
@@ -388,6 +335,7 @@ class JobStore:
             stages=stages,
             pipeline=pipeline,
             deadline_s=deadline_s,
+            deadline_at=deadline_at,
             input=json.loads(text),
             progress=None if progress is None else json.loads(progress),
         )
@@ -427,27 +375,3 @@ class JobStore:
     def ids(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT id FROM jobs ORDER BY seq")]
-
-
-def read_progress(path: Path) -> dict[str, dict[str, Any]]:
-    """Read-only, from another process: each started job's progress, by id (tests, tools)."""
-    if not path.exists():
-        return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-    try:
-        rows = db.execute("SELECT id, progress FROM jobs WHERE progress IS NOT NULL").fetchall()
-    finally:
-        db.close()
-    return {job_id: json.loads(text) for job_id, text in rows}
-
-
-def count_jobs(path: Path) -> int:
-    """Read-only: how many jobs the store holds (``ihld status`` with the daemon down)."""
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-    try:
-        value: int = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
-    finally:
-        db.close()
-    return value

@@ -37,8 +37,6 @@ from typing import Any
 import structlog
 
 from ihld.backends.ollama import make_session
-from ihld.common import jsonsafe
-from ihld.common.backoff import Backoff
 from ihld.common.errors import ConfigError, PluginError
 from ihld.core import events
 from ihld.core.batches import BatchTracker
@@ -60,7 +58,8 @@ from ihld.observe.status import status_document, summary_line
 from ihld.observe.systemd import Notifier, watchdog_loop
 from ihld.plugins.host import PluginHost
 from ihld.plugins.loader import plugins_for
-from ihld.service.wiring import adopt_checkpoints, make_backends, make_resolver, poison
+from ihld.service.claims import Claims
+from ihld.service.wiring import adopt_checkpoints, make_backends, make_resolver, recover_crashed
 
 log = structlog.get_logger("ihld")
 
@@ -82,14 +81,12 @@ class Daemon:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reload: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: Metrics = field(default_factory=Metrics)  # fed by the event log (issue 5)
-    _intake_idle: asyncio.Event = field(default_factory=asyncio.Event)
-    _intake_paused_until: float = 0.0
+    claims: Claims = field(init=False)
     _cancelled: int = 0
 
     # -- start-up -------------------------------------------------------------------
 
     async def run(self) -> int:
-        self._intake_idle.set()
         logs.configure_logging("info", stderr=True)
         self.config = load_config(self.config_path)
         self.spool = Spool(self.config.spool.dir, node=self.config.spool.node)
@@ -97,7 +94,7 @@ class Daemon:
         self.spool.lock()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.spool.unlock)
-            self.store = JobStore(self.spool.store_path)
+            self.store = JobStore(self.spool.store_path, exclusive=self.spool.node is not None)
             stack.callback(self.store.close)
             self._configure_logs(self.config)
             stack.callback(logs.close_logging)
@@ -128,8 +125,12 @@ class Daemon:
                 self.store,
                 make_resolver(self.host),
                 max_bytes=self.config.limits.max_job_bytes,
+                deadline_s=self.config.limits.job_deadline_s,
                 formats=list(self.host.formats.values()),
                 on_added=lambda: self._from_thread(loop, self.feeder.wake),
+            )
+            self.claims = Claims(
+                self.spool, self.intake, admit=self._admit, rejected=self._log_rejected
             )
             self.spool.mark_running()
             recovered = await self._recover(crashed, clean)
@@ -215,7 +216,7 @@ class Daemon:
         """A job ended: its id is taken for good, and the engine has room for another."""
         job_id = events.ended_job_id(event)
         if job_id is not None:
-            self.intake.known_ids.add(job_id)
+            self.intake.ended(job_id)
             self.feeder.wake()
 
     async def _batch_event(self, event: events.Event) -> None:
@@ -234,7 +235,7 @@ class Daemon:
         log.info("batch_finished", batch=name, files=[str(f) for f in files if f is not None])
 
     def snapshot(self) -> dict[str, Any]:
-        paused = self._intake_paused_until > time.monotonic()
+        paused = self.claims.paused()
         return self._document(self.spool.counts(store=False), intake_paused=paused)
 
     def _document(self, counts: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
@@ -258,18 +259,8 @@ class Daemon:
         for tmp in self.spool.iter_tmp_files():
             tmp.unlink(missing_ok=True)
         adopted = await asyncio.to_thread(adopt_checkpoints, self.spool, self.store)
-        for stored in await asyncio.to_thread(self.store.load, crashed):
-            if await asyncio.to_thread(self.spool.is_finished, stored.id):
-                await asyncio.to_thread(self.store.drop, stored.id)
-                continue
-            progress = JobProgress.from_stored(stored, self.config.limits.job_deadline_s)
-            progress.recoveries += 1
-            if progress.recoveries >= self.config.spool.max_recoveries:
-                await poison(self.spool, self.store, progress)
-                continue
-            progress.event("job_recovered", recoveries=progress.recoveries)
-            record = jsonsafe.dumps(progress.checkpoint(), compact=True)
-            await asyncio.to_thread(self.store.commit, [(stored.id, record)])
+        limit = self.config.spool.max_recoveries
+        await asyncio.to_thread(recover_crashed, self.spool, self.store, crashed, limit)
         suspects = await asyncio.to_thread(self.store.start)
         self.feeder = Feeder(
             self.store,
@@ -277,28 +268,27 @@ class Daemon:
             in_memory=lambda: len(self.engine.jobs),
             limit=lambda: self.config.limits.max_jobs_in_memory,
             admit=self.engine.add_job,
-            default_deadline_s=lambda: self.config.limits.job_deadline_s,
             suspects=suspects,
         )
         for name in self.batches.load_all():
             await self._assemble_batch(name)
-        backlog = self.store.backlog()
-        if backlog or adopted:
+        stored = await asyncio.to_thread(self.store.count)
+        if stored or adopted:
             log.info(
                 "spool_recovered",
-                jobs=backlog,
+                jobs=stored,
                 adopted_checkpoints=adopted or None,
                 clean_shutdown=clean,
                 crashed_jobs=len(crashed),
             )
-        return backlog
+        return stored
 
     # -- the running daemon ---------------------------------------------------------------
 
     async def _serve(self) -> None:
         async with asyncio.TaskGroup() as group:
             dispatcher = group.create_task(self.engine.run(), name="dispatch")
-            claimer = group.create_task(self._intake_loop(), name="intake")
+            claimer = group.create_task(self.claims.run(self.watcher), name="intake")
             others = [
                 group.create_task(self.feeder.run(), name="feeder"),
                 group.create_task(self._deadline_loop(), name="deadlines"),
@@ -316,66 +306,6 @@ class Daemon:
                 task.cancel()
             self._cancelled = await self.engine.stop_dispatching(self.config.control.grace_s)
             await dispatcher
-
-    async def _intake_loop(self) -> None:
-        stop_claiming = asyncio.Event()
-        try:
-            await self._replay_claims()
-            async for ready in self.watcher.batches(stop_claiming):
-                for entry in ready.rejects:
-                    record = await asyncio.to_thread(self.intake.reject_entry, entry)
-                    if record is not None:
-                        self._log_rejected(record)
-                for entry in ready.files:
-                    self._intake_idle.clear()
-                    try:
-                        result = await asyncio.to_thread(self.intake.claim_and_read, entry)
-                    except OSError as exc:
-                        await self._intake_error(exc)
-                        continue
-                    except Exception as exc:  # a bug must not stop intake; the claim stays
-                        log.error("intake_failed", file=entry.name, error=repr(exc))
-                        continue
-                    finally:
-                        self._intake_idle.set()
-                    if result is not None:
-                        self._admit(result)
-        finally:
-            stop_claiming.set()
-
-    async def _replay_claims(self) -> None:
-        """Files claimed before a crash (or cut short by one), resumed where they stopped."""
-        self._intake_idle.clear()
-        try:
-            for path in self.spool.claimed_files():
-                try:
-                    self._admit(await asyncio.to_thread(self.intake.process, path))
-                except OSError as exc:
-                    await self._intake_error(exc)
-                    return  # it replayed every claim
-        finally:
-            self._intake_idle.set()
-
-    async def _intake_error(self, exc: OSError) -> None:
-        """A full or failing disk: pause claiming, keep what was claimed, retry until it works.
-
-        (issue 4: it used to retry once and return, leaving the claim stuck until a restart.)
-        """
-        backoff = Backoff(2.0, 30.0)
-        while True:
-            pause = backoff.next()
-            self._intake_paused_until = time.monotonic() + pause + 1.0
-            log.error("intake_paused", error=str(exc), errno=exc.errno, retry_in_s=round(pause, 3))
-            await asyncio.sleep(pause)
-            try:
-                for path in self.spool.claimed_files():
-                    self._admit(await asyncio.to_thread(self.intake.process, path))
-            except OSError as again:
-                exc = again
-                continue
-            self._intake_paused_until = 0.0
-            log.info("intake_resumed")
-            return
 
     def _admit(self, result: IntakeResult | None) -> None:
         if result is None:
@@ -401,8 +331,11 @@ class Daemon:
         self.engine.job_rejected(record)
 
     async def _deadline_loop(self) -> None:
+        """Fail jobs past their deadline: in memory, and waiting in the store."""
         while True:
             await asyncio.sleep(1.0)
+            for stored in await asyncio.to_thread(self.store.expired, time.time(), 1000):
+                self.engine.add_job(JobProgress.from_stored(stored), ready=False)
             await self.engine.expire_deadlines()
 
     async def _status_loop(self) -> None:
@@ -418,7 +351,7 @@ class Daemon:
         """
         while True:
             await self.engine.wait_idle()
-            await self._intake_idle.wait()
+            await self.claims.idle.wait()
             self.watcher.scanned.clear()
             inbox = await asyncio.to_thread(self.spool.scan_inbox)
             pending = any(e.kind == "file" and e.name.endswith((".json", ".jsonl")) for e in inbox)
@@ -428,7 +361,7 @@ class Daemon:
             if not self.feeder.drained():
                 await self.feeder.idle.wait()  # the rest of the queue goes into the engine
                 continue
-            if self.engine.jobs or not self._intake_idle.is_set():
+            if self.engine.jobs or not self.claims.idle.is_set():
                 continue  # something arrived meanwhile
             self.stop.set()
             return
@@ -457,6 +390,7 @@ class Daemon:
         self.intake.formats = list(host.formats.values())
         self.batches.formats = host.formats
         self.intake.max_bytes = config.limits.max_job_bytes
+        self.intake.deadline_s = config.limits.job_deadline_s
         self.feeder.wake()  # max_jobs_in_memory may have grown
         self._configure_logs(config)
         log.info(

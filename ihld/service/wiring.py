@@ -3,9 +3,8 @@ recovery does with poison, and with an older ihld's checkpoint files."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,8 @@ def adopt_checkpoints(spool: Spool, store: JobStore) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             quarantine_checkpoint(spool, path, repr(exc))
             continue
-        store.adopt(job, claimed_at, jsonsafe.dumps(progress, compact=True))
+        deadline_at = record.get("deadline_at")
+        store.adopt(job, claimed_at, deadline_at, jsonsafe.dumps(progress, compact=True))
         path.unlink()
         adopted += 1
     return adopted
@@ -99,13 +99,31 @@ def quarantine_checkpoint(spool: Spool, path: Path, error: str) -> None:
     log.error("checkpoint_corrupt", job_id=job_id, error=error)
 
 
-async def poison(spool: Spool, store: JobStore, progress: JobProgress) -> None:
+def recover_crashed(spool: Spool, store: JobStore, crashed: Iterable[str], limit: int) -> None:
+    """Blocking. Jobs running when the last daemon died: one more recovery each.
+
+    A job that ended just before the crash leaves the store; one that was
+    running at ``limit`` crashes in a row is failed as poison.
+    """
+    for stored in store.load(crashed):
+        if spool.is_finished(stored.id):
+            store.drop(stored.id)
+            continue
+        progress = JobProgress.from_stored(stored)
+        progress.recoveries += 1
+        if progress.recoveries >= limit:
+            poison(spool, store, progress)
+            continue
+        progress.event("job_recovered", recoveries=progress.recoveries)
+        store.commit([(stored.id, jsonsafe.dumps(progress.checkpoint(), compact=True))])
+
+
+def poison(spool: Spool, store: JobStore, progress: JobProgress) -> None:
     """A job that was running at every one of the last crashes: failed as poison."""
     message = (
         f"the daemon died {progress.recoveries} times while this job was running "
         "([spool] max_recoveries); quarantined as poison"
     )
-    record = progress.failure(None, "poison", message)
-    await asyncio.to_thread(spool.publish_failure, progress.job.id, record)
-    await asyncio.to_thread(store.drop, progress.job.id)
+    spool.publish_failure(progress.job.id, progress.failure(None, "poison", message))
+    store.drop(progress.job.id)
     log.error("job_poisoned", job_id=progress.job.id, recoveries=progress.recoveries)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ihld.core.store import read_progress
+from ihld.core.storeview import read_progress
 from tests.conftest import drop
 from tests.real.conftest import (
     BACKEND,

@@ -31,7 +31,9 @@ def store(tmp_path: Path) -> JobStore:
 def test_take_orders_by_priority_then_arrival_and_never_twice(store: JobStore) -> None:
     batch = store.batch("c1", "f.jsonl")
     store.add(batch, [job("a"), job("b", 5), job("c"), job("d", 5)], recorded=4, done=True)
-    assert store.backlog() == 4 and store.waiting_by_model() == {"qwen": 4}
+    view = store.waiting_view()
+    assert store.backlog() == view.jobs == 4 and view.by_model == {"qwen": 4}
+    assert view.stages == {"qwen": 4, "gemma": 4}
     assert [j.id for j in store.take(3)] == ["b", "d", "a"]
     assert [j.id for j in store.take(3)] == ["c"]
     assert store.take(3) == [] and store.backlog() == 0
@@ -59,7 +61,7 @@ def test_a_restart_takes_started_jobs_first_and_finds_what_was_in_memory(tmp_pat
     again = JobStore(tmp_path / "queue.db")
     assert again.start() == {"b", "c"}  # in memory when the daemon stopped
     again.recount()  # after READY: a pass over the queue
-    assert again.backlog() == 2 and again.waiting_by_model() == {"qwen": 1}
+    assert again.backlog() == 2 and again.waiting_view().by_model == {"qwen": 1}
     first, second = again.take(5)
     assert (first.id, first.progress) == ("c", {"outputs": {"a": "x"}})
     assert (second.id, second.progress) == ("b", None)

@@ -52,7 +52,7 @@ class PluginsConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_job_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_job_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     stage_timeout_s: float = Field(default=900.0, gt=0)  # whole-stage deadline
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=1.0, ge=0)

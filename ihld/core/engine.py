@@ -97,10 +97,10 @@ class Engine:
         )
         self.jobs: dict[str, JobProgress] = {}
         self.counters = Counters()
-
         self.started = time.monotonic()
         self._kick = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
+        self.store = store
         self.committer = GroupCommitter(spool, store)
         self.health = BackendHealth(
             self.backends, self.scheduler, self.backend_configs, on_change=self.kick
@@ -154,8 +154,7 @@ class Engine:
     # -- jobs in ----------------------------------------------------------------
 
     def add_job(self, progress: JobProgress, *, ready: bool = True) -> None:
-        """Take a job into memory; its ready stages are queued (``ready=False``: a job
-        taken only to be failed, past its deadline)."""
+        """A job into memory with its ready stages queued (not if only to fail it)."""
         self.jobs[progress.job.id] = progress
         self._idle.clear()
         if ready:
@@ -186,6 +185,7 @@ class Engine:
             down=self.health.down,
             started=self.started,
             slots=max(b.slots for b in self.config.backends),
+            waiting=self.store.waiting_view(),
         )  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------

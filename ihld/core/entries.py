@@ -42,21 +42,34 @@ def read_entries(
     """Split a job file into entries: one for ``.json``, one per non-blank line for ``.jsonl``."""
     default = default_id_for(stem)
     try:
-        text = jsonsafe.decode_text(data)
+        text = jsonsafe.decode_text(data)  # the whole file must be UTF-8 (checked in C)
     except jsonsafe.StrictJSONError as exc:
         yield Entry(default, None, error=JobError(str(exc), kind=exc.kind))
         return
     if suffix == ".json":
         yield _entry(default, None, text, ())
         return
+    del text  # a million-line file is read line by line: no list of a million strings
     seen_any = False
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_lines(data), start=1):
+        line = raw.decode("utf-8")
         if not line.strip():
             continue
         seen_any = True
         yield _entry(f"{default}.{number}", number, line, formats)
     if not seen_any:
         yield Entry(default, None, error=JobError("empty file: no job lines", kind="empty"))
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    """The lines of ``data``, split at ``\\n`` only (JSON may hold U+2028 in a string)."""
+    start, end = 0, len(data)
+    while start < end:
+        stop = data.find(b"\n", start)
+        if stop < 0:
+            stop = end
+        yield data[start:stop]
+        start = stop + 1
 
 
 def _entry(default_id: str, line: int | None, text: str, formats: Sequence[IntakeFormat]) -> Entry:

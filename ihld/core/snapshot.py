@@ -84,6 +84,15 @@ class Counters:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """The jobs in the job store that are not in memory (``JobStore.waiting_view``)."""
+
+    jobs: int = 0
+    by_model: Mapping[str, int] = field(default_factory=dict)  # by first stage's model
+    stages: Mapping[str, int] = field(default_factory=dict)  # their stages, by model
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     time: float  # wall clock
     uptime_s: float
@@ -97,6 +106,8 @@ class EngineSnapshot:
     eta_s: float | None
     loads: int
     load_s_total: float
+    jobs_waiting: int = 0  # in the job store, not yet in memory
+    waiting_by_model: dict[str, int] = field(default_factory=dict)  # by first stage's model
     models: dict[str, ModelView] = field(default_factory=dict)
     backends: dict[str, BackendView] = field(default_factory=dict)
 
@@ -111,7 +122,9 @@ class EngineSnapshot:
                 "done": c.jobs_done,
                 "failed": c.jobs_failed,
                 "rejected": c.jobs_rejected,
+                "waiting": self.jobs_waiting,
             },
+            "waiting_by_model": dict(self.waiting_by_model),
             "stages": {
                 "done": c.stages_done,
                 "retries": c.stage_retries,
@@ -149,10 +162,14 @@ def eta_s(
     resident: Collection[str],
     slots: int,
     backends_up: int,
+    waiting: Mapping[str, int] | None = None,
 ) -> float | None:
-    """Remaining work at the learned per-model stage time and slot count, plus one load each."""
-    remaining: dict[str, int] = defaultdict(int)
-    any_job = False
+    """Remaining work at the learned per-model stage time and slot count, plus one load each.
+
+    ``waiting``: the stages of jobs still in the store, by model.
+    """
+    remaining: dict[str, int] = defaultdict(int, waiting or {})
+    any_job = bool(remaining)
     for progress in jobs:
         any_job = True
         for stage in progress.job.stages:
@@ -181,6 +198,7 @@ def build(
     down: Mapping[str, str],
     started: float,
     slots: int,
+    waiting: Waiting,
 ) -> EngineSnapshot:
     now = time.monotonic()
     models: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -213,7 +231,7 @@ def build(
     resident = {key for b in scheduler.backends.values() for key in b.resident}
     eta = eta_s(
         jobs.values(), figures, resident=resident, slots=slots,
-        backends_up=len(scheduler.backends) - len(down),
+        backends_up=len(scheduler.backends) - len(down), waiting=waiting.stages,
     )  # fmt: skip
     return EngineSnapshot(
         time=round(time.time(), 3),
@@ -226,6 +244,8 @@ def build(
         jobs_per_min_1m=round(jobs_per_min(finished_at, started, 60, now), 2),
         jobs_per_min_15m=round(jobs_per_min(finished_at, started, 900, now), 2),
         eta_s=None if eta is None else round(eta, 1),
+        jobs_waiting=waiting.jobs,
+        waiting_by_model=dict(waiting.by_model),
         loads=scheduler.stats.loads,
         load_s_total=round(sum(f.load_s_total for f in figures.values()), 3),
         models={key: ModelView(**values) for key, values in models.items()},

@@ -36,6 +36,7 @@ from typing import Any
 
 from ihld.common import failpoints
 from ihld.core.jobs import Job, StageSpec
+from ihld.core.snapshot import Waiting
 from ihld.core.storerows import COLUMNS, SCHEMA, Batch, NewJob, StoredJob, stages_text
 
 
@@ -58,7 +59,7 @@ class JobStore:
         # the tuple itself is kept, so its id is not reused while it is a key
         self._by_identity: dict[int, tuple[tuple[StageSpec, ...], int]] = {}
         self._batches: dict[int, Batch] = {}
-        self.waiting: Counter[str] = Counter()  # jobs not started, not in memory, by model
+        self.waiting: Counter[int] = Counter()  # jobs not started, not in memory, by stageset
         self._started = 0  # jobs started (by an earlier daemon) and not in memory
         self.counted = True  # the counts are known (not right after ``start``)
         for row in self._db.execute("SELECT id, stages, pipeline, model FROM stagesets"):
@@ -111,19 +112,25 @@ class JobStore:
                 "SELECT count(*) FROM jobs INDEXED BY started "
                 "WHERE progress IS NOT NULL AND active = 0"
             ).fetchone()[0]
-            self.waiting = Counter()
-            for stageset, count in rows:
-                self.waiting[self._stageset(stageset)[2]] += count
+            self.waiting = Counter(dict(rows))
 
     def backlog(self) -> int:
         """Jobs stored and not in memory."""
         with self._lock:
             return sum(self.waiting.values()) + self._started
 
-    def waiting_by_model(self) -> dict[str, int]:
-        """Jobs not started and not in memory, by their first stage's model."""
+    def waiting_view(self) -> Waiting:
+        """The jobs not in memory: how many, by first model, and their stages by model."""
         with self._lock:
-            return dict(self.waiting)
+            counts = [(self._stageset(s), n) for s, n in self.waiting.items()]
+            started = self._started
+        by_model: Counter[str] = Counter()
+        stages: Counter[str] = Counter()
+        for (specs, _pipeline, model), count in counts:
+            by_model[model] += count
+            for stage in specs:
+                stages[stage.model_key()] += count
+        return Waiting(sum(by_model.values()) + started, dict(by_model), dict(stages))
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -160,11 +167,11 @@ class JobStore:
     def add(self, batch: Batch, jobs: Sequence[NewJob], *, recorded: int, done: bool) -> None:
         """Record a chunk of accepted jobs and the batch's resume point, atomically."""
         rows = []
-        counts: Counter[str] = Counter()
+        counts: Counter[int] = Counter()
         with self._transaction() as db:
             for job in jobs:
                 stageset = self._stageset_id(db, job.stages, job.pipeline)
-                counts[self._stagesets[stageset][2]] += 1
+                counts[stageset] += 1
                 rows.append(
                     (
                         job.id,
@@ -317,14 +324,12 @@ class JobStore:
 
     def _stored(self, row: tuple[Any, ...], *, taking: bool = True) -> StoredJob:
         seq, job_id, batch, line, priority, stageset, deadline_s, deadline_at, text, progress = row
-        stages, pipeline, model = self._stageset(stageset)
-        if not taking:
-            pass
-        elif progress is None:
-            self.waiting[model] -= 1
-            if self.waiting[model] <= 0:
-                del self.waiting[model]
-        else:
+        stages, pipeline, _model = self._stageset(stageset)
+        if taking and progress is None:
+            self.waiting[stageset] -= 1
+            if self.waiting[stageset] <= 0:
+                del self.waiting[stageset]
+        elif taking:
             self._started = max(0, self._started - 1)
         return StoredJob(
             seq=seq,

@@ -48,7 +48,8 @@ def status_view(snap: dict[str, Any]) -> Any:
     from rich.text import Text
 
     jobs = snap["jobs"]
-    total = jobs["done"] + jobs["failed"] + jobs["in_progress"]
+    waiting = jobs.get("waiting", 0)  # in the job store, not yet in memory
+    total = jobs["done"] + jobs["failed"] + jobs["in_progress"] + waiting
     finished = jobs["done"] + jobs["failed"]
     header = Text.assemble(("ihld ", "bold cyan"), (summary_line(snap), "bold"))
     rates = snap["jobs_per_min"]
@@ -67,7 +68,7 @@ def status_view(snap: dict[str, Any]) -> Any:
         (f"{jobs['done']} done", "green"),
         " · ",
         (f"{jobs['failed']} failed", "bold red" if jobs["failed"] else "dim"),
-        f" · {jobs['in_progress']} in progress · {jobs['rejected']} rejected",
+        f" · {jobs['in_progress']} in progress · {waiting:,} waiting · {jobs['rejected']} rejected",
     )
     models = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
     columns = ("model", "ready", "in flight", "done", "stage s", "tok/s", "prompt eval", "loads",
@@ -99,6 +100,10 @@ def status_view(snap: dict[str, Any]) -> Any:
             resident, _ps_text(b.get("ollama_ps"), now),
         )  # fmt: skip
     parts: list[Any] = [header, facts, bar, Text(""), models, Text(""), backends]
+    by_model = snap.get("waiting_by_model") or {}
+    if by_model:
+        shown = ", ".join(f"{m} {n:,}" for m, n in sorted(by_model.items()))
+        parts.append(Text(f"waiting in the store, by first model: {shown}", "dim"))
     spool = snap.get("spool") or {}
     if spool:
         parts.append(Text("spool: " + ", ".join(f"{k} {v}" for k, v in spool.items()), "dim"))

@@ -241,11 +241,8 @@ class Daemon:
     def _document(self, counts: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
         """The status document, with the jobs waiting in the store (not in the engine)."""
         doc = status_document(self.engine.snapshot(), counts, **extra)
-        waiting = self.store.backlog()
-        doc["jobs"]["waiting"] = waiting
-        doc["waiting_by_model"] = self.store.waiting_by_model()
         if counts is not None:
-            doc["spool"]["in_progress"] = waiting + doc["jobs"]["in_progress"]
+            doc["spool"]["in_progress"] = doc["jobs"]["waiting"] + doc["jobs"]["in_progress"]
         return doc
 
     # -- recovery ----------------------------------------------------------------------

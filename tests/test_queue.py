@@ -1,0 +1,117 @@
+"""A queue larger than memory: the window of jobs in the engine, deadlines of jobs still
+waiting in the store, and a claim cut short between two chunks of one file."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ihld.common import failpoints
+from ihld.core import intake as intake_module
+from ihld.core.intake import Intake
+from ihld.core.jobs import StageSpec, resolve
+from ihld.core.spool import Spool
+from ihld.core.store import JobStore
+from ihld.observe.logs import read_events
+from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
+
+
+def limits(rig: DaemonRig, text: str) -> None:
+    rig.config.write_text(rig.config.read_text().replace("[limits]\n", f"[limits]\n{text}\n"))
+
+
+def run_once(rig: DaemonRig) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*IHLD, "run", "--once", "--config", str(rig.config)],
+                          capture_output=True, timeout=180, cwd=REPO)
+
+
+def test_a_small_window_runs_every_job_and_never_holds_more(
+    sim_factory: Callable[..., SimProcess], rig_factory: Callable[..., DaemonRig]
+) -> None:
+    sim = sim_factory()
+    rig = rig_factory(sim.url, slots=2)
+    limits(rig, "max_jobs_in_memory = 3")
+    drop(rig.inbox, "batch.jsonl", debate_lines(24))
+    proc = run_once(rig)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert len(rig.results()) == 24 and not rig.failures()
+    held = most = 0
+    for event in read_events(rig.spool / "log" / "ihld.jsonl"):
+        if event["event"] == "job_claimed":
+            held += 1
+        elif event["event"] in ("job_finished", "job_failed"):
+            held -= 1
+        most = max(most, held)
+    assert most == 3  # the window filled, and never overflowed
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens on it once the socket is closed
+
+
+def test_waiting_jobs_past_their_deadline_fail_from_the_store(
+    rig_factory: Callable[..., DaemonRig],
+) -> None:
+    """The backend never answers and the window holds one job: the other jobs never enter
+    memory, yet each still ends at its deadline (liveness does not depend on the window)."""
+    rig = rig_factory(f"http://127.0.0.1:{closed_port()}")
+    limits(rig, "max_jobs_in_memory = 1")
+    jobs = "".join(
+        json.dumps({"id": f"late{n}", "pipeline": "debate", "input": {"topic": "t"},
+                    "deadline_s": 1}) + "\n"
+        for n in range(6)
+    )
+    drop(rig.inbox, "late.jsonl", jobs)
+    proc = run_once(rig)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    failed = rig.failures()
+    assert sorted(failed) == [f"late{n}" for n in range(6)]
+    assert {r["error"]["kind"] for r in failed.values()} == {"deadline"}
+    assert not rig.results()
+
+
+def _intake(tmp_path: Path) -> Intake:
+    pipes = {"p": (StageSpec(name="a", model="m", prompt="x"),)}
+
+    def resolver(spec: Any, job_id: str, source: dict[str, Any]) -> Any:
+        return resolve(spec, job_id, pipelines=pipes, actor_models={"prompt": None},
+                       source=source)
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    return Intake(spool, JobStore(spool.store_path), resolver, max_bytes=100_000)
+
+
+def test_a_claim_cut_short_between_chunks_resumes_after_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk at the third chunk's commit: the first two chunks are stored, the
+    replay stores the rest, and no job or rejection record is written twice."""
+    monkeypatch.setattr(intake_module, "CHUNK", 2)
+    intake = _intake(tmp_path)
+    lines = [json.dumps({"id": f"j{n}", "pipeline": "p"}) for n in range(9)]
+    lines[4] = json.dumps({"id": "j4", "pipeline": "nope"})  # rejected in the third chunk
+    path = intake.spool.claimed / "00000000000000000001.1.0--big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    failpoints.configure("store.intake_before_commit:raise@3")
+    try:
+        with pytest.raises(OSError):
+            intake.process(path)
+    finally:
+        failpoints.configure("")
+    assert intake.store.ids() == ["j0", "j1", "j2", "j3"]
+    assert intake.spool.claimed_files() == [path]  # the claim stays for the replay
+    replay = intake.process(path)
+    assert replay.accepted == ["j5", "j6", "j7", "j8"] and replay.rejected == []
+    assert intake.store.ids() == [f"j{n}" for n in range(9) if n != 4]
+    assert sorted(p.name for p in intake.spool.failed.glob("*.json")) == ["j4.json"]
+    assert not intake.spool.claimed_files()

@@ -236,3 +236,57 @@ def test_the_unit_that_ran_is_the_shipped_hardened_one(box: Box) -> None:
     assert props["DropInPaths"] == ""
     score = box.run("systemd-analyze", "security", "ihld", "--no-pager", check=False).stdout
     assert "Overall exposure level for ihld.service" in score, score[-500:]
+
+
+def _start_took_s(box: Box, cursor: str) -> float:
+    """From systemd's own "Starting" to its "Started" (READY=1) in the journal, seconds."""
+    stamps: dict[str, int] = {}
+    for line in box.journal(cursor, output="json"):
+        entry = json.loads(line)
+        message = str(entry.get("MESSAGE", ""))
+        for word in ("Starting", "Started"):
+            if message.startswith(word) and word not in stamps:
+                stamps[word] = int(entry["__REALTIME_TIMESTAMP"])
+    return (stamps["Started"] - stamps["Starting"]) / 1e6
+
+
+def test_start_with_a_million_jobs_queued(box: Box) -> None:
+    """A million waiting jobs in the job store: ``systemctl start`` of the shipped unit
+    (TimeoutStartSec=90) returns active, and the daemon is not restarted, after a
+    graceful stop and after a ``kill -9`` (restarted once by systemd, then stays up)."""
+    count = 1_000_000
+    box.reset()
+    box.systemctl("start", "ihld")
+    cursor = box.cursor()
+    box.drop("million.jsonl", "".join(
+        f'{{"id":"m{n:07d}","pipeline":"debate","input":{{"topic":"topic {n}"}}}}\n'
+        for n in range(count)
+    ))
+    box.wait_journal('"event":"file_accepted"', cursor, timeout=900)
+    box.systemctl("stop", "ihld")
+    queued = box.checkpoints()
+    assert queued > count - 1000, queued  # a few ran meanwhile; the rest wait in the store
+    try:
+        cursor = box.cursor()
+        box.systemctl("start", "ihld")  # returns once READY=1 came, or fails at the timeout
+        props = box.show("ActiveState", "SubState", "NRestarts", "MainPID")
+        assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+        ready = next(e for e in box.events(cursor) if e["event"] == "daemon_ready")
+        assert ready["recovered"] == queued
+        print(f"systemctl start with {queued:,} jobs queued: {_start_took_s(box, cursor):.2f} s")
+        box.wait_journal('"event":"job_claimed"', cursor, timeout=120)  # the feeder runs
+        assert box.show("NRestarts", "MainPID") == {
+            "NRestarts": props["NRestarts"], "MainPID": props["MainPID"]
+        }
+
+        cursor = box.cursor()
+        box.systemctl("kill", "--signal=SIGKILL", "ihld")
+        wait_until(lambda: int(box.show("NRestarts")["NRestarts"]) == int(props["NRestarts"]) + 1,
+                   60, "systemd to restart the killed daemon (RestartSec=5s)")
+        wait_until(lambda: box.show("ActiveState")["ActiveState"] == "active", 120, "active")
+        box.wait_journal('"event":"job_claimed"', cursor, timeout=120)
+        print(f"restart after kill -9 with a million queued: {_start_took_s(box, cursor):.2f} s")
+        after = box.show("ActiveState", "NRestarts")
+        assert after == {"ActiveState": "active", "NRestarts": str(int(props["NRestarts"]) + 1)}
+    finally:
+        box.reset()  # a million queued jobs are not for the next test

@@ -4,8 +4,10 @@ waiting in the store, and a claim cut short between two chunks of one file."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from ihld.core.intake import Intake
 from ihld.core.jobs import StageSpec, resolve
 from ihld.core.spool import Spool
 from ihld.core.store import JobStore
+from ihld.core.storeview import count_jobs
 from ihld.observe.logs import read_events
 from tests.conftest import IHLD, REPO, DaemonRig, SimProcess, debate_lines, drop
 
@@ -115,3 +118,54 @@ def test_a_claim_cut_short_between_chunks_resumes_after_the_last_one(
     assert intake.store.ids() == [f"j{n}" for n in range(9) if n != 4]
     assert sorted(p.name for p in intake.spool.failed.glob("*.json")) == ["j4.json"]
     assert not intake.spool.claimed_files()
+
+
+def test_a_stop_during_a_big_intake_keeps_the_claim_and_rejects_nothing(
+    rig_factory: Callable[..., DaemonRig],
+) -> None:
+    """SIGTERM while a 100,000-line file streams into the store: the daemon exits 0, the
+    file is neither rejected nor lost, and the next start finishes storing it."""
+    count = 100_000
+    rig = rig_factory(f"http://127.0.0.1:{closed_port()}")
+    rig.inbox.mkdir(parents=True)
+    proc = rig.start()
+    rig.wait_ready()
+    drop(rig.inbox, "big.jsonl", "".join(
+        f'{{"id":"b{n:06d}","pipeline":"debate","input":{{"topic":"t"}}}}\n'
+        for n in range(count)
+    ))
+    claimed = rig.spool / "work" / "claimed"
+    wait_for(lambda: any(claimed.iterdir()), "intake to claim the file")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, rig.stderr()[-2000:]
+    assert not list(rig.spool.joinpath("failed").glob("*.json")), "nothing is rejected"
+    stored = count_jobs(rig.spool / "work" / "queue.db")
+    assert stored == count or any(claimed.iterdir()), "either stored whole or still claimed"
+    rig.start()
+    rig.wait_ready()
+    wait_for(lambda: count_jobs(rig.spool / "work" / "queue.db") == count
+             and not any(claimed.iterdir()), "the replay to store the rest")
+    assert not list(rig.spool.joinpath("failed").glob("*.json"))
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Poll; the timeout is a safety net against a hang, not a measurement."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_intake_into_a_closed_store_keeps_the_claim(tmp_path: Path) -> None:
+    """The daemon closes the store at a stop while intake's thread may still be reading a
+    file: that is an OSError (the claim stays for the next start), never a rejection."""
+    intake = _intake(tmp_path)
+    path = intake.spool.claimed / "00000000000000000001.1.0--late.jsonl"
+    path.write_text(json.dumps({"id": "x", "pipeline": "p"}) + "\n")
+    intake.store.close()
+    with pytest.raises(OSError, match="closed"):
+        intake.process(path)
+    assert intake.spool.claimed_files() == [path]
+    assert not list(intake.spool.failed.glob("*.json"))

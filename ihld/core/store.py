@@ -49,6 +49,7 @@ class JobStore:
             path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
         self._lock = threading.Lock()
+        self._closed = False
         if exclusive:  # a spool on NFS: no shared-memory index, which hosts cannot share
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -66,13 +67,24 @@ class JobStore:
             self._stageset_ids[row[1]] = row[0]
 
     def close(self) -> None:
+        """Close; a thread still calling in (intake of a big file at a stop) gets an
+        ``OSError``, so its claim stays for the next start."""
         with self._lock:
+            self._closed = True
             self._db.close()
+
+    @contextmanager
+    def _using(self) -> Iterator[sqlite3.Connection]:
+        """The connection, alone; an ``OSError`` once the store is closed."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.ESHUTDOWN, "job store closed: the daemon is stopping")
+            yield self._db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """All or nothing; a failing disk is an ``OSError``, as for the spool's files."""
-        with self._lock:
+        with self._using():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -102,7 +114,7 @@ class JobStore:
 
     def recount(self) -> None:
         """Count the jobs not in memory: not started (by first model), and started."""
-        with self._lock:
+        with self._using():
             self.counted = True
             rows = self._db.execute(
                 "SELECT stageset, count(*) FROM jobs WHERE progress IS NULL AND active = 0 "
@@ -116,12 +128,12 @@ class JobStore:
 
     def backlog(self) -> int:
         """Jobs stored and not in memory."""
-        with self._lock:
+        with self._using():
             return sum(self.waiting.values()) + self._started
 
     def waiting_view(self) -> Waiting:
         """The jobs not in memory: how many, by first model, and their stages by model."""
-        with self._lock:
+        with self._using():
             counts = [(self._stageset(s), n) for s, n in self.waiting.items()]
             started = self._started
         by_model: Counter[str] = Counter()
@@ -154,7 +166,7 @@ class JobStore:
         """Which of ``ids`` the store holds (duplicate submissions)."""
         wanted = list(ids)
         found: set[str] = set()
-        with self._lock:
+        with self._using():
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
@@ -302,7 +314,7 @@ class JobStore:
         """These jobs' rows, whether in memory or not (crash recovery of running jobs)."""
         columns = COLUMNS
         out = []
-        with self._lock:
+        with self._using():
             for job_id in ids:
                 row = self._db.execute(
                     f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)
@@ -373,10 +385,10 @@ class JobStore:
     # -- inspection -----------------------------------------------------------------------
 
     def count(self) -> int:
-        with self._lock:
+        with self._using():
             value: int = self._db.execute("SELECT count(*) FROM jobs").fetchone()[0]
         return value
 
     def ids(self) -> list[str]:
-        with self._lock:
+        with self._using():
             return [r[0] for r in self._db.execute("SELECT id FROM jobs ORDER BY seq")]

@@ -124,6 +124,29 @@ def slot_occupancy(spans: Sequence[StageSpan], capacity: int) -> float | None:
     return used / waited if waited > 0 else None
 
 
+def tail_idle(events: Iterable[Mapping[str, Any]], slots: int) -> tuple[int, float]:
+    """(switches, slot-seconds idle in their drains), on the daemon's clock.
+
+    Before a model is unloaded its last requests drain: the slots whose last
+    request ended early sit idle until the last one ends, and the next load
+    waits for it. Per unload: the last ``slots`` stages of that model on that
+    backend, and the sum of (last end - each end).
+    """
+    ends: dict[tuple[str, str], list[float]] = {}
+    switches = 0
+    idle = 0.0
+    for event in events:
+        name = event.get("event")
+        key = (str(event.get("backend")), str(event.get("model")))
+        if name == "stage_finished":
+            ends.setdefault(key, []).append(epoch(event["timestamp"]))
+        elif name == "model_unloaded" and ends.get(key):
+            last = sorted(ends.pop(key))[-slots:]
+            switches += 1
+            idle += sum(last[-1] - t for t in last)
+    return switches, idle
+
+
 @dataclass
 class Measured:
     """The figures of one run, in simulated seconds unless named otherwise."""

@@ -149,6 +149,11 @@ def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"{_num(over['unpoked_p50_ms'], '.1f')} ms, "
                 f"p99 {_num(over['unpoked_p99_ms'], '.1f')} ms"
             )
+        if row.get("switches"):
+            out.append(
+                f"{tag}: {row['switches']} switches, {row['tail_idle_slot_s']:.1f} slot-s idle "
+                f"in their drains ({row['tail_idle_slot_s'] / row['switches']:.1f} per switch)"
+            )
         slow = row.get("sim_slowdown")
         if slow is not None and slow > 0.01:
             out.append(

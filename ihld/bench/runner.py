@@ -34,6 +34,7 @@ from ihld.bench.metrics import (
     measure,
     sim_slowdown,
     speed_free_makespan,
+    tail_idle,
 )
 from ihld.bench.procs import BenchError, DaemonProcess, SimProcess, wait_for
 from ihld.bench.workloads import Workload
@@ -43,9 +44,12 @@ from ihld.core.spool import Spool
 from ihld.observe.logs import read_events
 from ihld.sim.profiles import Profile, get_profile
 
-POLICIES = ("fifo", "affinity", "affinity-plain")
+POLICIES = ("fifo", "affinity", "affinity-plain", "affinity-no-tails")
 # Variants: a registered policy with one setting changed (compared side by side).
-VARIANTS = {"affinity-plain": ("affinity", "prompt_cache = false")}
+VARIANTS = {
+    "affinity-plain": ("affinity", "prompt_cache = false"),
+    "affinity-no-tails": ("affinity", "longest_first = false"),  # a wave's tail in age order
+}
 Progress = Callable[[str], None]
 
 
@@ -344,6 +348,7 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
     predicted = {
         (j.id, s.name): (s.prompt_tokens, s.output_tokens) for j in plan.costs for s in j.stages
     }
+    switches, idle = tail_idle(record.events, workload.slots)
     out: dict[str, Any] = {
         "workload": workload.name,
         "policy": policy,
@@ -354,6 +359,8 @@ def figures(plan: Plan, policy: str, record: RunRecord, opts: BenchOptions) -> d
         "makespan_speed_free_s": free,
         "loads": sum(loads.values()),
         "slot_occupancy": measured.slot_occupancy,
+        "switches": switches,
+        "tail_idle_slot_s": idle * opts.speed,  # simulated slot-seconds idle in drains
         "p50_latency_s": measured.p50_latency_s,
         "p99_latency_s": measured.p99_latency_s,
         "jobs_per_min": measured.jobs_per_min,

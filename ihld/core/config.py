@@ -44,6 +44,8 @@ class SchedulerConfig(_Strict):
     reconcile_s: float = Field(default=5.0, gt=0)  # read the servers' resident models
     # order a model's queue so each slot keeps its prompt prefix (llama.cpp/Ollama slot cache)
     prompt_cache: bool = True
+    # the last requests of a wave (before a switch): longest expected stage first
+    longest_first: bool = True
 
 
 class PluginsConfig(_Strict):

@@ -93,6 +93,7 @@ class Engine:
             fifo_workers=config.scheduler.fifo_workers,
             prefetch=config.scheduler.prefetch,
             prompt_cache=config.scheduler.prompt_cache,
+            longest_first=config.scheduler.longest_first,
             costs=LearnedCosts(self.figures),
         )
         self.jobs: dict[str, JobProgress] = {}
@@ -148,6 +149,7 @@ class Engine:
         self.scheduler.prefetch = scheduler.prefetch
         self.scheduler.fifo_workers = scheduler.fifo_workers
         self.scheduler.prompt_cache = scheduler.prompt_cache
+        self.scheduler.longest_first = scheduler.longest_first
         self.kick()
         return restart
 
@@ -411,7 +413,7 @@ class Engine:
             backend=task.backend,
             wall_s=done.record["wall_s"],
         )
-        self.figures[task.model_key].learn_stage(done.record)
+        self.figures[task.model_key].learn_stage(done.record, task.stage)
         self.parallel.watch(self.scheduler, task, done.record)
         self.counters.stages_done += 1
         log.info(

@@ -9,7 +9,7 @@ changes (another tenant, thermal throttling) without forgetting at once.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -24,6 +24,7 @@ class ModelFigures:
     tokens_per_s_ewma: float | None = None
     stages: int = 0
     prompt_evaluated: int = 0  # prompt tokens the server evaluated (not reused from a cache)
+    stage_s: dict[str, float] = field(default_factory=dict)  # service EWMA per stage name
 
     def learn_load(self, seconds: float) -> None:
         self.loads += 1
@@ -32,7 +33,7 @@ class ModelFigures:
             seconds if self.load_s_ewma is None else 0.7 * self.load_s_ewma + 0.3 * seconds
         )
 
-    def learn_stage(self, record: Mapping[str, Any]) -> None:
+    def learn_stage(self, record: Mapping[str, Any], stage: str | None = None) -> None:
         self.stages += 1
         self.prompt_evaluated += int(record.get("prompt_evaluated") or 0)
         # The server's own compute time: wall time also holds waits for a slot
@@ -44,6 +45,9 @@ class ModelFigures:
         self.service_s_ewma = (
             service if self.service_s_ewma is None else 0.9 * self.service_s_ewma + 0.1 * service
         )
+        if stage is not None:  # a stage's own length: a judge's verdict is not an essay
+            known = self.stage_s.get(stage)
+            self.stage_s[stage] = service if known is None else 0.8 * known + 0.2 * service
         count, duration = record.get("eval_count"), record.get("eval_duration")
         if count and duration:
             rate = count / duration * 1e9
@@ -77,6 +81,13 @@ class LearnedCosts:
         if known is not None and known.service_s_ewma is not None:
             return known.service_s_ewma
         return self._mean("service_s_ewma")
+
+    def stage_s(self, model_key: str, stage: str) -> float:
+        """One stage's expected service time on this model (the model's, until learned)."""
+        known = self.figures.get(model_key)
+        if known is not None and stage in known.stage_s:
+            return known.stage_s[stage]
+        return self.service_s(model_key)
 
     def _mean(self, attribute: str) -> float:
         values = [getattr(f, attribute) for f in self.figures.values()]

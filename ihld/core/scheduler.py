@@ -84,6 +84,7 @@ class Scheduler:
         costs: Costs | None = None,
         prefetch: int = 1,
         prompt_cache: bool = True,
+        longest_first: bool = True,
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.costs: Costs = costs or FixedCosts()
@@ -92,6 +93,7 @@ class Scheduler:
         self.fifo_workers = fifo_workers
         self.prefetch = prefetch
         self.prompt_cache = prompt_cache  # order within a model's queue by slot prompt caches
+        self.longest_first = longest_first  # a wave's tail: longest expected stages first
         self.queues: dict[str, ModelQueue] = {}
         self.model_names: dict[str, str] = {}
         self.model_options: dict[str, Mapping[str, Any]] = {}
@@ -315,10 +317,29 @@ class Scheduler:
         for a request whose long prompt prefix a slot already holds and no other
         request of it is running: each slot works through one prefix group while the
         others serve other groups, instead of every slot evaluating every prefix.
+        With ``longest_first``, the *tail* of a wave (at most two requests per slot
+        left, and another model waiting for the switch that follows) goes longest
+        expected stage first (learned per stage), so the slots finish together and the
+        switch starts sooner.
         ``in_order``: the head, whatever the caches hold (``fifo``, the job-by-job baseline).
         """
         prompts = backend.prompts
-        task = queue.pop_best(prompts.score) if self.prompt_cache and not in_order else queue.pop()
+        tail = (
+            self.longest_first
+            and not in_order
+            and len(queue) <= 2 * backend.slots
+            and any(len(q) for q in self.queues.values() if q is not queue)
+        )
+        if tail or (self.prompt_cache and not in_order):
+            cache = self.prompt_cache
+
+            def order(t: Task) -> tuple[int, float]:
+                warmth = prompts.score(t) if cache else 0
+                return warmth, -self.costs.stage_s(t.model_key, t.stage) if tail else 0.0
+
+            task = queue.pop_best(order)
+        else:
+            task = queue.pop()
         prompts.dispatched(task, backend.slots)
         task.backend = backend.name
         self.inflight[task.key] = task

@@ -213,6 +213,8 @@ class Costs(Protocol):
 
     def service_s(self, model_key: str) -> float: ...
 
+    def stage_s(self, model_key: str, stage: str) -> float: ...
+
 
 @dataclass(frozen=True)
 class FixedCosts:
@@ -223,6 +225,9 @@ class FixedCosts:
         return self.load
 
     def service_s(self, model_key: str) -> float:
+        return self.service
+
+    def stage_s(self, model_key: str, stage: str) -> float:
         return self.service
 
 
@@ -254,7 +259,7 @@ class ModelQueue:
         self._ids.pop(task.key, None)
         return task
 
-    def pop_best(self, score: Callable[[Task], int], window: int = 32) -> Task:
+    def pop_best(self, score: Callable[[Task], Any], window: int = 32) -> Task:
         """Of the first ``window`` tasks at the head's priority, the one ``score`` ranks
         lowest (oldest first among equals). The rest keep their places."""
         taken: list[tuple[int, float, int, Task]] = []

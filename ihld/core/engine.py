@@ -143,13 +143,9 @@ class Engine:
         Backends, the policy and the spool keep their old values until a restart.
         """
         self.config, restart = live_update(self.config, config)
-        scheduler = self.config.scheduler
-        self.scheduler.max_wait_s = scheduler.max_wait_s
-        self.scheduler.fair_wait_s = scheduler.fair_wait_s
-        self.scheduler.prefetch = scheduler.prefetch
-        self.scheduler.fifo_workers = scheduler.fifo_workers
-        self.scheduler.prompt_cache = scheduler.prompt_cache
-        self.scheduler.longest_first = scheduler.longest_first
+        live = ("max_wait_s", "fair_wait_s", "prefetch", "fifo_workers", "prompt_cache")
+        for name in (*live, "longest_first"):
+            setattr(self.scheduler, name, getattr(self.config.scheduler, name))
         self.kick()
         return restart
 

@@ -39,6 +39,7 @@ from ihld.bench.workloads import rubric_job
 from ihld.observe.logs import read_events
 
 RUNS = ("fifo", "affinity", "hand-batched")
+EXTRA_RUNS = ("affinity-no-tails", "affinity-plain")  # variants, on request (--policy)
 RUBRIC_RUNS = ("affinity-plain", "affinity", "file-order")
 
 
@@ -384,10 +385,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if (
         len(models) != wanted
         or args.workload not in ("seed", "aba", "rubrics")
-        or set(runs) - set(known)
+        or set(runs) - set(known) - set(EXTRA_RUNS)
     ):
         print("ihld bench --backend: workload aba with --models A,B (runs among "
-              f"{', '.join(RUNS)}), or rubrics with --models M (runs among "
+              f"{', '.join(RUNS + EXTRA_RUNS)}), or rubrics with --models M (runs among "
               f"{', '.join(RUBRIC_RUNS)})", file=sys.stderr)  # fmt: skip
         return 2
     results = asyncio.run(bench_real(

@@ -69,6 +69,20 @@ def test_a_restart_takes_started_jobs_first_and_finds_what_was_in_memory(tmp_pat
     assert read_progress(tmp_path / "queue.db") == {"c": {"outputs": {"a": "x"}}}
 
 
+def test_rows_of_files_whose_jobs_all_ended_are_forgotten(store: JobStore) -> None:
+    done = store.batch("c1", "done.jsonl")
+    store.add(done, [job("a")], recorded=1, done=True)
+    open_ = store.batch("c2", "open.jsonl")
+    store.add(open_, [job("b")], recorded=1, done=True)
+    half = store.batch("c3", "half.jsonl")  # a claim cut short: its replay still needs it
+    store.commit((), ["a"])
+    assert store.forget_ended_batches() == 1
+    with store._lock:
+        claims = [r[0] for r in store._db.execute("SELECT claim FROM batches ORDER BY id")]
+    assert claims == ["c2", "c3"] and half.recorded == 0
+    assert [j.batch.file for j in store.take(5)] == ["open.jsonl"]
+
+
 def test_existing_ids_are_found_for_duplicate_checks(store: JobStore) -> None:
     batch = store.batch("c1", "f.jsonl")
     store.add(batch, [job(f"j{n}") for n in range(1200)], recorded=1200, done=True)

@@ -68,6 +68,7 @@ class Feeder:
     async def run(self) -> None:
         if not self.store.counted:  # after a restart: one pass over the queue, after READY
             await asyncio.to_thread(self.store.recount)
+            await asyncio.to_thread(self.store.forget_ended_batches)
         self._wake.set()
         while True:
             await self._wake.wait()

@@ -126,6 +126,16 @@ class JobStore:
             ).fetchone()[0]
             self.waiting = Counter(dict(rows))
 
+    def forget_ended_batches(self) -> int:
+        """Drop the rows of claimed files whose jobs have all ended (one pass, after READY)."""
+        with self._transaction() as db:
+            gone = db.execute(
+                "DELETE FROM batches WHERE ingested = 1 "
+                "AND id NOT IN (SELECT DISTINCT batch FROM jobs)"
+            ).rowcount
+        self._batches.clear()
+        return int(gone)
+
     def backlog(self) -> int:
         """Jobs stored and not in memory."""
         with self._using():

@@ -169,3 +169,40 @@ def test_intake_into_a_closed_store_keeps_the_claim(tmp_path: Path) -> None:
         intake.process(path)
     assert intake.spool.claimed_files() == [path]
     assert not list(intake.spool.failed.glob("*.json"))
+
+
+async def test_the_feeder_waits_out_a_failing_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A take that fails (EIO) is retried after a backoff; the daemon does not stop."""
+    import asyncio
+    import errno
+
+    from ihld.core.feeder import Feeder
+    from ihld.core.progress import JobProgress
+
+    intake = _intake(tmp_path)
+    path = intake.spool.claimed / "00000000000000000001.1.0--two.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "pipeline": "p"}) + "\n" for i in "ab"))
+    intake.process(path)
+    admitted: list[JobProgress] = []
+    feeder = Feeder(intake.store, intake.spool, in_memory=lambda: len(admitted),
+                    limit=lambda: 10, admit=admitted.append, suspects=set())
+    real_take, calls = intake.store.take, []
+
+    def failing_once(count: int) -> Any:
+        calls.append(count)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_take(count)
+
+    monkeypatch.setattr(intake.store, "take", failing_once)
+    task = asyncio.create_task(feeder.run())
+    try:
+        for _ in range(600):  # bounded: the backoff's first delay is at most 0.5 s
+            if len(admitted) == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert [p.job.id for p in admitted] == ["a", "b"] and len(calls) == 2

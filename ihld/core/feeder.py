@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
+from ihld.common.backoff import Backoff
 from ihld.core.progress import JobProgress
 from ihld.core.spool import Spool
 from ihld.core.store import JobStore
@@ -47,7 +48,7 @@ class Feeder:
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()  # set when the store had nothing left to take
         self._taking = False
-        self._empty = False
+        self._backoff = Backoff(0.5, 30.0)
         self.taken = 0
 
     def wake(self) -> None:
@@ -77,10 +78,16 @@ class Feeder:
                 self._taking = True
                 try:
                     taken = await asyncio.to_thread(self._take, count)
+                except OSError as exc:  # a failing disk: the jobs wait in the store
+                    delay = self._backoff.next()
+                    log.error("feeder_failed", error=str(exc), retry_in_s=round(delay, 3))
+                    await asyncio.sleep(delay)
+                    continue
                 finally:
                     self._taking = False
-                if not taken and self._empty:
-                    break  # the counts were off (jobs ended meanwhile); recounted
+                self._backoff.reset()
+                if taken is None:
+                    break  # the counts were off; recounted
                 for progress in taken:
                     if not progress.records:
                         log.info(
@@ -94,13 +101,16 @@ class Feeder:
             if not self.store.backlog():
                 self.idle.set()
 
-    def _take(self, count: int) -> list[JobProgress]:
-        """Blocking: the next jobs, minus those that ended just before a crash."""
-        out = []
+    def _take(self, count: int) -> list[JobProgress] | None:
+        """Blocking: the next jobs, minus those that ended just before a crash.
+
+        None: the store had none to give although its counts said so (recounted).
+        """
         stored_jobs = self.store.take(count)
-        self._empty = not stored_jobs
-        if self._empty:
+        if not stored_jobs:
             self.store.recount()
+            return None
+        out = []
         for stored in stored_jobs:
             if stored.id in self.suspects:
                 self.suspects.discard(stored.id)
@@ -108,4 +118,8 @@ class Feeder:
                     self.store.drop(stored.id)  # published; its removal was lost
                     continue
             out.append(JobProgress.from_stored(stored))
+        # Into the engine in arrival order, as the daemon did before the job store: the
+        # store chose *which* jobs (started first); their age in the queues follows
+        # arrival, so the job that was running at a crash is not put at the head again.
+        out.sort(key=lambda p: p.seq)
         return out

@@ -74,7 +74,7 @@ class Intake:
         max_bytes: int,
         deadline_s: float | None = None,
         formats: Sequence[IntakeFormat] = (),
-        on_added: Callable[[], None] = lambda: None,
+        on_added: Callable[[], object] = lambda: None,
     ) -> None:
         self.spool = spool
         self.store = store

@@ -17,6 +17,7 @@ from typing import Any
 from ihld.core.figures import ModelFigures
 from ihld.core.progress import JobProgress
 from ihld.core.scheduler import Scheduler
+from ihld.core.storerows import Waiting
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,6 @@ class Counters:
             self.jobs_done, self.jobs_failed, self.jobs_rejected, self.stages_done,
             self.stage_retries,
         )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """The jobs in the job store that are not in memory (``JobStore.waiting_view``)."""
-
-    jobs: int = 0
-    by_model: Mapping[str, int] = field(default_factory=dict)  # by first stage's model
-    stages: Mapping[str, int] = field(default_factory=dict)  # their stages, by model
 
 
 @dataclass(frozen=True)

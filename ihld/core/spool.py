@@ -44,15 +44,6 @@ from ihld.core.storeview import count_jobs
 _seq = itertools.count()
 
 
-def _write_temp(directory: Path, stem: str, data: bytes) -> Path:
-    return write_temp(directory, stem, data)
-
-
-def write_unsynced(directory: Path, stem: str, data: bytes) -> Path:
-    """A dotted temp file with ``data``, not yet flushed (see ``sync_data``)."""
-    return write_temp(directory, stem, data, sync=False)
-
-
 def encode_record(record: dict[str, Any], *, compact: bool = False) -> bytes:
     """Results are indented for people; checkpoints, rewritten after every stage, are
     compact (the indenting encoder is three times slower)."""
@@ -256,7 +247,7 @@ class Spool:
         was published before a crash, or the name is taken).
         """
         data = encode_record(record)
-        tmp = _write_temp(directory, name, data)
+        tmp = write_temp(directory, name, data)
         target = directory / f"{name}.json"
         point = "failure" if directory == self.failed else "result"  # as the committer names them
         try:
@@ -277,7 +268,7 @@ class Spool:
     def publish_text(self, name: str, data: bytes) -> Path | None:
         """Publish ``outbox/name`` atomically, never overwriting; ``name~N`` if taken."""
         stem, dot, suffix = name.partition(".")
-        tmp = _write_temp(self.outbox, stem, data)
+        tmp = write_temp(self.outbox, stem, data)
         try:
             target = link_free(tmp, self.outbox, stem, dot + suffix)
         finally:
@@ -291,7 +282,7 @@ class Spool:
 
         ``first=2``: the bare name belongs to another job (a duplicate id), start at ``~2``.
         """
-        tmp = _write_temp(self.failed, name, encode_record(record))
+        tmp = write_temp(self.failed, name, encode_record(record))
         try:
             failpoints.hit("failure.before_publish")
             target = link_free(tmp, self.failed, name, first=first)

@@ -36,8 +36,7 @@ from typing import Any
 
 from ihld.common import failpoints
 from ihld.core.jobs import Job, StageSpec
-from ihld.core.snapshot import Waiting
-from ihld.core.storerows import COLUMNS, SCHEMA, Batch, NewJob, StoredJob, stages_text
+from ihld.core.storerows import COLUMNS, SCHEMA, Batch, NewJob, StoredJob, Waiting, stages_text
 
 
 class JobStore:
@@ -48,7 +47,8 @@ class JobStore:
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection: held for whole transactions
+        self._counts = threading.Lock()  # the counters: held for a moment (the event loop reads)
         self._closed = False
         if exclusive:  # a spool on NFS: no shared-memory index, which hosts cannot share
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -114,17 +114,21 @@ class JobStore:
 
     def recount(self) -> None:
         """Count the jobs not in memory: not started (by first model), and started."""
-        with self._using():
-            self.counted = True
-            rows = self._db.execute(
+        with self._using() as db:
+            rows = db.execute(
                 "SELECT stageset, count(*) FROM jobs WHERE progress IS NULL AND active = 0 "
                 "GROUP BY stageset"
             ).fetchall()
-            self._started = self._db.execute(
+            started = db.execute(
                 "SELECT count(*) FROM jobs INDEXED BY started "
                 "WHERE progress IS NOT NULL AND active = 0"
             ).fetchone()[0]
-            self.waiting = Counter(dict(rows))
+            for stageset, _count in rows:
+                self._stageset(stageset)  # cached, for ``waiting_view``
+            with self._counts:
+                self.waiting = Counter(dict(rows))
+                self._started = started
+                self.counted = True
 
     def forget_ended_batches(self) -> int:
         """Drop the rows of claimed files whose jobs have all ended (one pass, after READY)."""
@@ -137,14 +141,14 @@ class JobStore:
         return int(gone)
 
     def backlog(self) -> int:
-        """Jobs stored and not in memory."""
-        with self._using():
+        """Jobs stored and not in memory (never waits for a transaction)."""
+        with self._counts:
             return sum(self.waiting.values()) + self._started
 
     def waiting_view(self) -> Waiting:
         """The jobs not in memory: how many, by first model, and their stages by model."""
-        with self._using():
-            counts = [(self._stageset(s), n) for s, n in self.waiting.items()]
+        with self._counts:
+            counts = [(self._stagesets[s], n) for s, n in self.waiting.items()]
             started = self._started
         by_model: Counter[str] = Counter()
         stages: Counter[str] = Counter()
@@ -163,14 +167,7 @@ class JobStore:
                 "INSERT OR IGNORE INTO batches (claim, file, claimed_at) VALUES (?, ?, ?)",
                 (claim, file, round(time.time(), 6)),
             )
-            row = db.execute(
-                "SELECT id, claim, file, claimed_at, recorded, ingested FROM batches "
-                "WHERE claim = ?",
-                (claim,),
-            ).fetchone()
-        batch = Batch(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
-        self._batches[batch.id] = batch
-        return batch
+            return self._batch_row("claim", claim)
 
     def existing(self, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` the store holds (duplicate submissions)."""
@@ -216,7 +213,8 @@ class JobStore:
                 "UPDATE batches SET recorded = ?, ingested = ? WHERE id = ?",
                 (recorded, int(done), batch.id),
             )
-            self.waiting.update(counts)
+            with self._counts:
+                self.waiting.update(counts)
 
     def _stageset_id(
         self, db: sqlite3.Connection, stages: tuple[StageSpec, ...], pipeline: str | None
@@ -228,6 +226,7 @@ class JobStore:
         found = self._stageset_ids.get(text)
         if found is not None:
             self._by_identity[id(stages)] = (stages, found)
+            self._stagesets.setdefault(found, (stages, pipeline, stages[0].model_key()))
             return found
         model = stages[0].model_key() if stages else ""
         cur = db.execute(
@@ -253,14 +252,17 @@ class JobStore:
 
     def _batch(self, batch_id: int) -> Batch:
         found = self._batches.get(batch_id)
-        if found is None:
-            row = self._db.execute(
-                "SELECT id, claim, file, claimed_at, recorded, ingested FROM batches WHERE id = ?",
-                (batch_id,),
-            ).fetchone()
-            found = Batch(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
-            self._batches[batch_id] = found
-        return found
+        return found if found is not None else self._batch_row("id", batch_id)
+
+    def _batch_row(self, column: str, value: int | str) -> Batch:
+        row = self._db.execute(
+            "SELECT id, claim, file, claimed_at, recorded, ingested FROM batches "
+            f"WHERE {column} = ?",
+            (value,),
+        ).fetchone()
+        batch = Batch(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+        self._batches[batch.id] = batch
+        return batch
 
     def adopt(self, job: Job, claimed_at: float, deadline_at: float | None, progress: str) -> bool:
         """A job checkpointed by an ihld before the store (upgrade); False if already here."""
@@ -274,7 +276,7 @@ class JobStore:
                 "VALUES (?, ?, ?, 1)",
                 (claim, str(source.get("file") or job.id), claimed_at),
             )
-            (batch,) = db.execute("SELECT id FROM batches WHERE claim = ?", (claim,)).fetchone()
+            batch = self._batch_row("claim", claim).id
             stageset = self._stageset_id(db, job.stages, job.pipeline)
             db.execute(
                 "INSERT INTO jobs (id, batch, line, priority, stageset, deadline_s, deadline_at, "
@@ -309,16 +311,15 @@ class JobStore:
                     "WHERE progress IS NOT NULL AND active = 0 ORDER BY seq LIMIT ?",
                     (limit,),
                 ).fetchall()
-                db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
             if len(rows) < limit:
                 more = db.execute(
                     f"SELECT {columns} FROM jobs WHERE active = 0 "
                     "ORDER BY active, priority DESC, seq LIMIT ?",
                     (limit - len(rows),),
                 ).fetchall()
-                db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in more])
-                rows += more
-            return [self._stored(row) for row in rows]
+                seen = {r[0] for r in rows}  # started ones already taken above
+                rows += [r for r in more if r[0] not in seen]
+            return self._taken(db, rows)
 
     def load(self, ids: Iterable[str]) -> list[StoredJob]:
         """These jobs' rows, whether in memory or not (crash recovery of running jobs)."""
@@ -341,18 +342,24 @@ class JobStore:
                 "WHERE deadline_at IS NOT NULL AND deadline_at <= ? AND active = 0 LIMIT ?",
                 (now, limit),
             ).fetchall()
-            db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
-            return [self._stored(row) for row in rows]
+            return self._taken(db, rows)
+
+    def _taken(self, db: sqlite3.Connection, rows: list[Any]) -> list[StoredJob]:
+        """Rows now in memory: marked active, so no later call returns them again."""
+        db.executemany("UPDATE jobs SET active = 1 WHERE seq = ?", [(r[0],) for r in rows])
+        return [self._stored(row) for row in rows]
 
     def _stored(self, row: tuple[Any, ...], *, taking: bool = True) -> StoredJob:
         seq, job_id, batch, line, priority, stageset, deadline_s, deadline_at, text, progress = row
         stages, pipeline, _model = self._stageset(stageset)
-        if taking and progress is None:
-            self.waiting[stageset] -= 1
-            if self.waiting[stageset] <= 0:
-                del self.waiting[stageset]
-        elif taking:
-            self._started = max(0, self._started - 1)
+        if taking:
+            with self._counts:
+                if progress is not None:
+                    self._started = max(0, self._started - 1)
+                elif self.waiting[stageset] > 1:
+                    self.waiting[stageset] -= 1
+                else:
+                    self.waiting.pop(stageset, None)
         return StoredJob(
             seq=seq,
             id=job_id,

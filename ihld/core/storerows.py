@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ihld.core.jobs import StageSpec
@@ -84,6 +84,15 @@ class StoredJob:
     deadline_at: float | None
     input: Any
     progress: dict[str, Any] | None  # None: no stage finished yet
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Jobs in the store that are not in memory (``JobStore.waiting_view``; the snapshot's)."""
+
+    jobs: int = 0
+    by_model: Mapping[str, int] = field(default_factory=dict)  # by first stage's model
+    stages: Mapping[str, int] = field(default_factory=dict)  # their stages, by model
 
 
 COLUMNS = "seq, id, batch, line, priority, stageset, deadline_s, deadline_at, input, progress"

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +126,7 @@ class Daemon:
                 max_bytes=self.config.limits.max_job_bytes,
                 deadline_s=self.config.limits.job_deadline_s,
                 formats=list(self.host.formats.values()),
-                on_added=lambda: self._from_thread(loop, self.feeder.wake),
+                on_added=lambda: loop.call_soon_threadsafe(self.feeder.wake),
             )
             self.claims = Claims(
                 self.spool, self.intake, admit=self._admit, rejected=self._log_rejected
@@ -207,10 +206,6 @@ class Daemon:
         """The plugins' observer hooks (the host in force now: a reload swaps it)."""
         hook, kwargs = events.hook_call(event)
         await self.host.notify(hook, **kwargs)
-
-    @staticmethod
-    def _from_thread(loop: asyncio.AbstractEventLoop, call: Callable[[], None]) -> None:
-        loop.call_soon_threadsafe(call)
 
     async def _ended_event(self, event: events.Event) -> None:
         """A job ended: its id is taken for good, and the engine has room for another."""
@@ -331,7 +326,12 @@ class Daemon:
         """Fail jobs past their deadline: in memory, and waiting in the store."""
         while True:
             await asyncio.sleep(1.0)
-            for stored in await asyncio.to_thread(self.store.expired, time.time(), 1000):
+            try:
+                expired = await asyncio.to_thread(self.store.expired, time.time(), 1000)
+            except OSError as exc:  # a failing disk: try again at the next tick
+                log.error("deadline_scan_failed", error=str(exc))
+                expired = []
+            for stored in expired:
                 self.engine.add_job(JobProgress.from_stored(stored), ready=False)
             await self.engine.expire_deadlines()
 

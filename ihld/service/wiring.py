@@ -65,20 +65,21 @@ def adopt_checkpoints(spool: Spool, store: JobStore) -> int:
             continue
         try:
             record = jsonsafe.loads(path.read_text(encoding="utf-8"))
-            job = Job.from_record(record["job"])
-            progress = {
-                "deadline_at": record.get("deadline_at"),
-                "recoveries": int(record.get("recoveries", 0)),
-                "outputs": record.get("outputs", {}),
-                "stages": record.get("stages", {}),
-                "events": record.get("events", []),
-            }
-            claimed_at = float(record.get("claimed_at", time.time()))
+            progress = JobProgress(  # the old checkpoint, read the way it was written
+                Job.from_record(record["job"]),
+                int(record.get("seq", 0)),
+                outputs=dict(record.get("outputs", {})),
+                records=dict(record.get("stages", {})),
+                events=list(record.get("events", [])),
+                recoveries=int(record.get("recoveries", 0)),
+                claimed_at=float(record.get("claimed_at", time.time())),
+                deadline_at=record.get("deadline_at"),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             quarantine_checkpoint(spool, path, repr(exc))
             continue
-        deadline_at = record.get("deadline_at")
-        store.adopt(job, claimed_at, deadline_at, jsonsafe.dumps(progress, compact=True))
+        checkpoint = jsonsafe.dumps(progress.checkpoint(), compact=True)
+        store.adopt(progress.job, progress.claimed_at, progress.deadline_at, checkpoint)
         path.unlink()
         adopted += 1
     return adopted

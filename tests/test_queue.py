@@ -186,8 +186,8 @@ async def test_the_feeder_waits_out_a_failing_disk(
     path.write_text("".join(json.dumps({"id": i, "pipeline": "p"}) + "\n" for i in "ab"))
     intake.process(path)
     admitted: list[JobProgress] = []
-    feeder = Feeder(intake.store, intake.spool, in_memory=lambda: len(admitted),
-                    limit=lambda: 10, admit=admitted.append, suspects=set())
+    feeder = Feeder(intake.store, in_memory=lambda: len(admitted),
+                    limit=lambda: 10, admit=admitted.append)
     real_take, calls = intake.store.take, []
 
     def failing_once(count: int) -> Any:

@@ -13,7 +13,7 @@ from ihld.core.spool import Spool
 from ihld.core.store import JobStore
 from ihld.core.storerows import NewJob
 from ihld.core.storeview import count_jobs, read_progress
-from ihld.service.wiring import adopt_checkpoints
+from ihld.service.wiring import adopt_checkpoints, recover_crashed
 
 A = (StageSpec(name="a", model="qwen", needs=()), StageSpec(name="b", model="gemma", needs=("a",)))
 B = (StageSpec(name="a", model="gemma", needs=()),)
@@ -59,7 +59,9 @@ def test_a_restart_takes_started_jobs_first_and_finds_what_was_in_memory(tmp_pat
     store.commit([("c", json.dumps({"outputs": {"a": "x"}}))], ["a"])  # c started, a ended
     store.close()
     again = JobStore(tmp_path / "queue.db")
-    assert again.start() == {"b", "c"}  # in memory when the daemon stopped
+    assert again.marked() == {"b", "c"}  # in memory when the daemon stopped
+    again.start()
+    assert again.marked() == set()
     again.recount()  # after READY: a pass over the queue
     assert again.backlog() == 2 and again.waiting_view().by_model == {"qwen": 1}
     first, second = again.take(5)
@@ -146,3 +148,50 @@ def test_adopt_checkpoints_of_an_older_ihld(tmp_path: Path) -> None:
     resumed = JobProgress.from_stored(stored)
     assert resumed.outputs == {"a": "x"} and resumed.job.priority == 2
     assert resumed.job.source == {"file": "f.jsonl", "claim": "c9", "line": 4}
+
+
+def test_a_published_job_whose_removal_was_lost_is_dropped_even_after_a_second_crash(
+    tmp_path: Path,
+) -> None:
+    """Found by the torture: the removal was lost at one crash (``checkpoint.before_remove``);
+    the next daemon died before it took that job again; the one after ran its last stage a
+    second time. Recovery now drops it before the in-memory marks are cleared."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store = JobStore(spool.store_path)
+    store.add(store.batch("c1", "f.jsonl"), [job("done"), job("queued")], recorded=2, done=True)
+    store.take(2)  # both in memory; "done" then ends, and its removal is lost
+    spool.publish(spool.outbox, "done", {"id": "done", "status": "ok", "stages": []})
+    store.close()
+
+    for _restart in range(2):  # a crash right after recovery, before the feeder took a job
+        store = JobStore(spool.store_path)
+        recover_crashed(spool, store, crashed=(), limit=3)
+        assert store.marked() == set()
+        store.close()
+
+    store = JobStore(spool.store_path)
+    store.recount()
+    assert [stored.id for stored in store.take(5)] == ["queued"]
+    assert count_jobs(spool.store_path) == 1
+
+
+def test_recovery_keeps_the_marks_until_the_ended_jobs_are_dropped(tmp_path: Path) -> None:
+    """A crash during recovery itself: the marks are still there for the next one."""
+    from ihld.common import failpoints
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store = JobStore(spool.store_path)
+    store.add(store.batch("c1", "f.jsonl"), [job("done"), job("queued")], recorded=2, done=True)
+    store.take(2)
+    spool.publish(spool.outbox, "done", {"id": "done", "status": "ok", "stages": []})
+    failpoints.configure("checkpoint.before_remove:raise")
+    try:
+        with pytest.raises(OSError):
+            recover_crashed(spool, store, crashed=(), limit=3)
+    finally:
+        failpoints.configure("")
+    assert store.marked() == {"done", "queued"}
+    recover_crashed(spool, store, crashed=(), limit=3)
+    assert store.marked() == set() and store.ids() == ["queued"]

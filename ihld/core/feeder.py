@@ -6,9 +6,9 @@ of jobs came in, jobs ended), the feeder takes the next jobs from the store
 (started ones first, then by priority and age) and *materialises* them: a
 ``JobProgress`` with its ready stages queued for the scheduler.
 
-After a crash, a job that was in memory may have ended just before it
-(its result published, its removal from the store lost): such a job is
-checked against ``outbox/`` and ``failed/`` when it is taken, and dropped.
+Recovery has dropped, before the feeder starts, any job that ended just
+before a crash (``ihld.service.wiring.recover_crashed``): every job the
+store gives is one to run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import structlog
 
 from ihld.common.backoff import Backoff
 from ihld.core.progress import JobProgress
-from ihld.core.spool import Spool
 from ihld.core.store import JobStore
 
 log = structlog.get_logger("ihld")
@@ -32,19 +31,15 @@ class Feeder:
     def __init__(
         self,
         store: JobStore,
-        spool: Spool,
         *,
         in_memory: Callable[[], int],
         limit: Callable[[], int],
         admit: Callable[[JobProgress], None],
-        suspects: set[str],
     ) -> None:
         self.store = store
-        self.spool = spool
         self.in_memory = in_memory  # jobs the engine holds now
         self.limit = limit  # [limits] max_jobs_in_memory (a reload may change it)
         self.admit = admit
-        self.suspects = suspects  # ids in memory when the last daemon died
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()  # set when the store had nothing left to take
         self._taking = False
@@ -102,22 +97,13 @@ class Feeder:
                 self.idle.set()
 
     def _take(self, count: int) -> list[JobProgress] | None:
-        """Blocking: the next jobs, minus those that ended just before a crash.
-
-        None: the store had none to give although its counts said so (recounted).
-        """
+        """Blocking: the next jobs; None if the store had none to give although its counts
+        said so (recounted)."""
         stored_jobs = self.store.take(count)
         if not stored_jobs:
             self.store.recount()
             return None
-        out = []
-        for stored in stored_jobs:
-            if stored.id in self.suspects:
-                self.suspects.discard(stored.id)
-                if self.spool.is_finished(stored.id):
-                    self.store.drop(stored.id)  # published; its removal was lost
-                    continue
-            out.append(JobProgress.from_stored(stored))
+        out = [JobProgress.from_stored(stored) for stored in stored_jobs]
         # Into the engine in arrival order, as the daemon did before the job store: the
         # store chose *which* jobs (started first); their age in the queues follows
         # arrival, so the job that was running at a crash is not put at the head again.

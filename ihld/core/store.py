@@ -100,17 +100,19 @@ class JobStore:
 
     # -- start-up -----------------------------------------------------------------------
 
-    def start(self) -> set[str]:
-        """After a restart: nothing is in memory any more.
+    def marked(self) -> set[str]:
+        """Ids the last daemon had in memory when it stopped (one may have ended just before
+        a crash: its result published, its removal lost). The marks stay until ``start``."""
+        with self._using() as db:
+            return {r[0] for r in db.execute("SELECT id FROM jobs WHERE active = 1")}
 
-        Returns the ids that were in memory when the last daemon stopped (one of
-        them may have ended just before a crash), and counts the waiting jobs.
-        """
+    def start(self) -> None:
+        """After a restart, once recovery has dropped the ``marked`` jobs that ended: nothing
+        is in memory any more. (Clearing the marks any earlier would let a second crash
+        hide a published job, which the next daemon would run again.)"""
         with self._transaction() as db:
-            suspects = {r[0] for r in db.execute("SELECT id FROM jobs WHERE active = 1")}
             db.execute("UPDATE jobs SET active = 0 WHERE active = 1")
         self.counted = False  # until ``recount``: a pass over the queue, done after READY
-        return suspects
 
     def recount(self) -> None:
         """Count the jobs not in memory: not started (by first model), and started."""

@@ -253,14 +253,11 @@ class Daemon:
         adopted = await asyncio.to_thread(adopt_checkpoints, self.spool, self.store)
         limit = self.config.spool.max_recoveries
         await asyncio.to_thread(recover_crashed, self.spool, self.store, crashed, limit)
-        suspects = await asyncio.to_thread(self.store.start)
         self.feeder = Feeder(
             self.store,
-            self.spool,
             in_memory=lambda: len(self.engine.jobs),
             limit=lambda: self.config.limits.max_jobs_in_memory,
             admit=self.engine.add_job,
-            suspects=suspects,
         )
         for name in self.batches.load_all():
             await self._assemble_batch(name)

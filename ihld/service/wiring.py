@@ -101,15 +101,16 @@ def quarantine_checkpoint(spool: Spool, path: Path, error: str) -> None:
 
 
 def recover_crashed(spool: Spool, store: JobStore, crashed: Iterable[str], limit: int) -> None:
-    """Blocking. Jobs running when the last daemon died: one more recovery each.
+    """Blocking. After a restart: the jobs the last daemon had in memory.
 
-    A job that ended just before the crash leaves the store; one that was
-    running at ``limit`` crashes in a row is failed as poison.
+    One that ended just before a crash (published, its removal lost) leaves
+    the store; one that was running gets one more recovery, and at ``limit``
+    crashes in a row is failed as poison. Only then are the in-memory marks
+    cleared: a crash before that finds them again.
     """
-    for stored in store.load(crashed):
-        if spool.is_finished(stored.id):
-            store.drop(stored.id)
-            continue
+    ended = sorted(i for i in store.marked() | set(crashed) if spool.is_finished(i))
+    store.commit((), ended)
+    for stored in store.load(set(crashed) - set(ended)):
         progress = JobProgress.from_stored(stored)
         progress.recoveries += 1
         if progress.recoveries >= limit:
@@ -117,6 +118,7 @@ def recover_crashed(spool: Spool, store: JobStore, crashed: Iterable[str], limit
             continue
         progress.event("job_recovered", recoveries=progress.recoveries)
         store.commit([(stored.id, jsonsafe.dumps(progress.checkpoint(), compact=True))])
+    store.start()
 
 
 def poison(spool: Spool, store: JobStore, progress: JobProgress) -> None:

@@ -206,3 +206,26 @@ async def test_the_feeder_waits_out_a_failing_disk(
     finally:
         task.cancel()
     assert [p.job.id for p in admitted] == ["a", "b"] and len(calls) == 2
+
+
+def test_the_feeder_says_when_jobs_are_arriving(tmp_path: Path) -> None:
+    """``hold_dry`` reads it: jobs the store holds while the engine has room are on their
+    way; none once they are in, and none while the engine is full."""
+    from ihld.core.feeder import Feeder
+
+    intake = _intake(tmp_path)
+    intake.store.recount()
+    admitted: list[object] = []
+    limit = [10]
+    feeder = Feeder(intake.store, in_memory=lambda: len(admitted),
+                    limit=lambda: limit[0], admit=admitted.append)
+    assert not feeder.arriving()
+    path = intake.spool.claimed / "00000000000000000001.1.0--two.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "pipeline": "p"}) + "\n" for i in "ab"))
+    intake.process(path)
+    assert feeder.arriving()
+    limit[0] = 0  # the engine is full: they wait in the store, not on their way
+    assert not feeder.arriving()
+    limit[0] = 10
+    admitted.extend(intake.store.take(2))
+    assert not feeder.arriving()

@@ -195,3 +195,14 @@ def test_recovery_keeps_the_marks_until_the_ended_jobs_are_dropped(tmp_path: Pat
     assert store.marked() == {"done", "queued"}
     recover_crashed(spool, store, crashed=(), limit=3)
     assert store.marked() == set() and store.ids() == ["queued"]
+
+
+def test_a_store_being_created_reads_as_empty_from_outside(tmp_path: Path) -> None:
+    """Seen in CI: a test read the file between its creation and the daemon's schema."""
+    import sqlite3
+
+    from ihld.core.storeview import read_ids
+
+    path = tmp_path / "queue.db"
+    sqlite3.connect(path).close()  # the file exists, no table yet
+    assert read_progress(path) == {} and read_ids(path) == [] and count_jobs(path) == 0

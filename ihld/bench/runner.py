@@ -44,11 +44,12 @@ from ihld.core.spool import Spool
 from ihld.observe.logs import read_events
 from ihld.sim.profiles import Profile, get_profile
 
-POLICIES = ("fifo", "affinity", "affinity-plain", "affinity-no-tails")
+POLICIES = ("fifo", "affinity", "affinity-plain", "affinity-no-tails", "affinity-eager")
 # Variants: a registered policy with one setting changed (compared side by side).
 VARIANTS = {
     "affinity-plain": ("affinity", "prompt_cache = false"),
     "affinity-no-tails": ("affinity", "longest_first = false"),  # a wave's tail in age order
+    "affinity-eager": ("affinity", "hold_dry = false"),  # a dry model is given up at once
 }
 Progress = Callable[[str], None]
 

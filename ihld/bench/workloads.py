@@ -301,6 +301,25 @@ def _rubrics(jobs: int | None, seed: int) -> Workload:
     )
 
 
+FILES_JOBS = 50
+
+
+def _files(jobs: int | None, seed: int) -> Workload:
+    n = jobs or FILES_JOBS
+    return Workload(
+        name="files",
+        description=(
+            f"{n} debate jobs dropped at once as {n} one-job files, 4 slots: the first ones "
+            "run while the rest are still being claimed"
+        ),
+        profile="laptop-6gb-4slot",
+        slots=4,
+        max_loaded=1,
+        drops=tuple(Drop(0.0, f"files-{i:04d}.json", (debate_job(i, "files"),)) for i in range(n)),
+        kind="timed",
+    )
+
+
 BUILDERS: dict[str, Callable[[int | None, int], Workload]] = {
     "seed": _seed,
     "seed-4slot": _seed_4slot,
@@ -309,6 +328,7 @@ BUILDERS: dict[str, Callable[[int | None, int], Workload]] = {
     "urgent": _urgent,
     "overhead": _overhead,
     "rubrics": _rubrics,
+    "files": _files,
 }
 
 

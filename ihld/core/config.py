@@ -46,6 +46,8 @@ class SchedulerConfig(_Strict):
     prompt_cache: bool = True
     # the last requests of a wave (before a switch): longest expected stage first
     longest_first: bool = True
+    # a model that runs dry while work for it is on its way keeps its slots up to one load time
+    hold_dry: bool = True
 
 
 class PluginsConfig(_Strict):

@@ -65,6 +65,7 @@ class Engine:
         actors: Callable[[], Mapping[str, ActorLike]],
         inflight_log: InflightLog | None = None,
         policy: PolicyFactory,
+        arrivals: Callable[[], bool] = lambda: False,  # jobs on their way in (``hold_dry``)
     ) -> None:
         self.config = config
         # Backends are fixed for the daemon's life (a change needs a restart), so a
@@ -94,7 +95,9 @@ class Engine:
             prefetch=config.scheduler.prefetch,
             prompt_cache=config.scheduler.prompt_cache,
             longest_first=config.scheduler.longest_first,
+            hold_dry=config.scheduler.hold_dry,
             costs=LearnedCosts(self.figures),
+            arrivals=arrivals,
         )
         self.jobs: dict[str, JobProgress] = {}
         self.counters = Counters()
@@ -144,7 +147,7 @@ class Engine:
         """
         self.config, restart = live_update(self.config, config)
         live = ("max_wait_s", "fair_wait_s", "prefetch", "fifo_workers", "prompt_cache")
-        for name in (*live, "longest_first"):
+        for name in (*live, "longest_first", "hold_dry"):
             setattr(self.scheduler, name, getattr(self.config.scheduler, name))
         self.kick()
         return restart

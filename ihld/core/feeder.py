@@ -54,6 +54,10 @@ class Feeder:
         """Nothing in the store that is not in the engine (``--once`` may stop)."""
         return self.store.counted and not self._taking and not self.store.backlog()
 
+    def arriving(self) -> bool:
+        """Jobs about to come into the engine: being taken, or waiting while it has room."""
+        return self._taking or self.room() > 0
+
     def room(self) -> int:
         """How many jobs to take now: none until a batch's worth of room (or the rest)."""
         backlog = self.store.backlog()

@@ -85,6 +85,8 @@ class Scheduler:
         prefetch: int = 1,
         prompt_cache: bool = True,
         longest_first: bool = True,
+        hold_dry: bool = True,
+        arrivals: Callable[[], bool] = lambda: False,
     ) -> None:
         self.backends = {b.name: b for b in backends}
         self.costs: Costs = costs or FixedCosts()
@@ -94,6 +96,10 @@ class Scheduler:
         self.prefetch = prefetch
         self.prompt_cache = prompt_cache  # order within a model's queue by slot prompt caches
         self.longest_first = longest_first  # a wave's tail: longest expected stages first
+        self.hold_dry = hold_dry  # a dry model with work on its way keeps its slots a while
+        # Jobs on their way in (files being read, the job store's next take), as the
+        # daemon sees them. Their models are not known until they arrive.
+        self.arrivals = arrivals
         self.queues: dict[str, ModelQueue] = {}
         self.model_names: dict[str, str] = {}
         self.model_options: dict[str, Mapping[str, Any]] = {}
@@ -273,6 +279,18 @@ class Scheduler:
         times.extend(self.policy.wakeups(now))
         future = [t for t in times if t > now]
         return min(future) if future else None
+
+    def work_coming(self, key: str) -> bool:
+        """Is work for ``key`` about to become ready, though none is queued or running on it?
+
+        A stage in flight anywhere whose successor needs it, a retry of its own
+        waiting out its backoff, or jobs on their way in.
+        """
+        if any(key in task.successors for task in self.inflight.values()):
+            return True
+        if any(task.model_key == key for _, _, task in self._delayed):
+            return True
+        return self.arrivals()
 
     # -- decisions ----------------------------------------------------------------
 

@@ -16,12 +16,15 @@ from typing import Any
 
 @contextmanager
 def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection; None while there is no store yet (no file, or a file whose
+    schema the daemon has not committed yet: a store being created holds no jobs)."""
     if not path.exists():
         yield None
         return
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
     try:
-        yield db
+        made = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+        yield db if made.fetchone() else None
     finally:
         db.close()
 

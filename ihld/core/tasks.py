@@ -74,6 +74,7 @@ class Resident:
     # slots (llama.cpp's total_slots; Ollama forces 1 for some architectures).
     parallel: int | None = None
     foreign: bool = False  # loaded by someone else; seen in the server's list
+    dry_since: float | None = None  # loaded, idle and nothing queued since (the policy's mark)
 
     @property
     def idle(self) -> bool:

@@ -89,6 +89,10 @@ class InboxWatcher:
         """Scan soon (called by the event watcher and by ``ihld submit`` via the control socket)."""
         self._wake.set()
 
+    def settling(self) -> bool:
+        """Files seen in the inbox that are not claimed yet (jobs on their way in)."""
+        return bool(self._seen)
+
     def classify(self, entries: list[InboxFile], now: float) -> Ready:
         """Split a scan into ready files, rejects, and files still settling (kept in ``_seen``)."""
         files: list[InboxFile] = []

@@ -113,6 +113,7 @@ class Daemon:
                 actors=lambda: self.host.actors,
                 inflight_log=inflight_log,
                 policy=self._policy(),
+                arrivals=self._arriving,
             )
             self.batches = BatchTracker(self.spool, self.host.formats)
             self.engine.events.subscribe(self._batch_event)
@@ -239,6 +240,11 @@ class Daemon:
         if counts is not None:
             doc["spool"]["in_progress"] = doc["jobs"]["waiting"] + doc["jobs"]["in_progress"]
         return doc
+
+    def _arriving(self) -> bool:
+        """Jobs on their way into the engine (the scheduler's ``hold_dry``): inbox files
+        settling or being read, or jobs the feeder is about to take from the store."""
+        return self.watcher.settling() or not self.claims.idle.is_set() or self.feeder.arriving()
 
     # -- recovery ----------------------------------------------------------------------
 

@@ -9,6 +9,12 @@ the backend serves has waited ``max_wait_s`` (or any task has waited
 finish), is unloaded, and the next model is loaded on its own so its load
 time is measured.
 
+A model that runs dry while work for it is on its way (a stage in flight
+whose successor needs it, a retry in backoff, jobs being read from the inbox
+or taken from the job store) is not idle yet: it keeps its slots for up to its
+own load time (``hold_dry``). Switching away and back would cost two loads;
+waiting costs at most one, which is the rent-or-buy rule.
+
 ``prefetch`` requests beyond the slots are kept waiting *at the server*
 (Ollama queues them on the model's own semaphore, uncapped and outside
 ``OLLAMA_MAX_QUEUE``), so a slot that frees starts the next request at once
@@ -42,6 +48,11 @@ class Affinity:
                 for r in backend.resident.values()
                 if r.state is ModelState.LOADING
             )
+            times.extend(
+                r.dry_since + self.s.costs.load_s(r.key)
+                for r in backend.resident.values()
+                if r.dry_since is not None and self.s.hold_dry
+            )
         for key, queue in self.s.queues.items():
             head = queue.peek()  # in affinity order the head is the oldest of its priority
             if head is not None:
@@ -67,6 +78,7 @@ class Affinity:
                 resident.state = ModelState.UNLOADING
                 self.s.stats.unloads += 1
                 actions.append(Unload(backend.name, resident.key, resident.model))
+        self._mark_dry(backend, now)
         self._plan_switch(backend, now, actions)
         # A load that outlasts its expected time is waiting for the server to evict a
         # resident model: feeding that model would keep the server from ever evicting it.
@@ -94,6 +106,30 @@ class Affinity:
                 if not self.s.prefetch_ok(head) or self._holding_for(backend, head, now):
                     break
                 self.s.dispatch(backend, queue, actions)
+
+    def _mark_dry(self, backend: BackendSlots, now: float) -> None:
+        """Note when each loaded model ran dry: idle, nothing queued (``_held`` counts from it)."""
+        for resident in backend.resident.values():
+            queue = self.s.queues.get(resident.key)
+            dry = resident.state is ModelState.LOADED and resident.idle and not queue
+            if not dry:
+                resident.dry_since = None
+            elif resident.dry_since is None:
+                resident.dry_since = now
+
+    def _held(self, resident: Resident, now: float) -> bool:
+        """Does a dry model keep its slots: work for it is on its way, it ran dry less than
+        its load time ago, and no other model's work has waited ``max_wait_s``?"""
+        if not self.s.hold_dry or resident.dry_since is None:
+            return False
+        if now >= resident.dry_since + self.s.costs.load_s(resident.key):
+            return False
+        if any(
+            (head := queue.peek()) is not None and now - head.waiting_since >= self.s.max_wait_s
+            for queue in self.s.queues.values()
+        ):
+            return False
+        return self.s.work_coming(resident.key)
 
     def _holding_for(self, backend: BackendSlots, head: Task, now: float) -> bool:
         """Keep slots free for an overdue job: one of its stages runs (or is being saved)
@@ -224,7 +260,7 @@ class Affinity:
         if sibling is None and len(backend.resident) < backend.max_loaded:
             self.s.load(backend, target, now, actions)
             return
-        victim = self._victim(backend, target in overdue, only=sibling)
+        victim = self._victim(backend, now, target in overdue, only=sibling)
         if victim is None:
             return
         if target in overdue:
@@ -237,13 +273,18 @@ class Affinity:
             victim.state = ModelState.DRAINING
 
     def _victim(
-        self, backend: BackendSlots, forced: bool, only: Resident | None = None
+        self, backend: BackendSlots, now: float, forced: bool, only: Resident | None = None
     ) -> Resident | None:
-        """The resident model to give up: an idle one, or (forced) the least pressing."""
+        """The resident model to give up: an idle one not held, or (forced) the least
+        pressing."""
         loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
         if only is not None:
             loaded = [r for r in loaded if r is only]
-        idle = [r for r in loaded if r.idle and not len(self.s.queues.get(r.key) or ())]
+        idle = [
+            r
+            for r in loaded
+            if r.idle and not len(self.s.queues.get(r.key) or ()) and not self._held(r, now)
+        ]
         if idle:
             return min(idle, key=lambda r: r.since)
         if not forced or not loaded:

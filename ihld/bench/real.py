@@ -39,7 +39,8 @@ from ihld.bench.workloads import rubric_job
 from ihld.observe.logs import read_events
 
 RUNS = ("fifo", "affinity", "hand-batched")
-EXTRA_RUNS = ("affinity-no-tails", "affinity-plain")  # variants, on request (--policy)
+# variants, on request (--policy)
+EXTRA_RUNS = ("affinity-no-tails", "affinity-plain", "affinity-eager")
 RUBRIC_RUNS = ("affinity-plain", "affinity", "file-order")
 
 
@@ -174,16 +175,27 @@ def _config(spool: Path, url: str, kind: str, policy: str, slots: int) -> str:
 
 
 async def run_ihld(
-    url: str, kind: str, policy: str, jobs: list[dict[str, Any]], slots: int, workdir: Path
+    url: str,
+    kind: str,
+    policy: str,
+    jobs: list[dict[str, Any]],
+    slots: int,
+    workdir: Path,
+    *,
+    split: bool = False,
 ) -> RealRun:
-    """``ihld run --once`` on the jobs; makespan from the first claim to the last result."""
+    """``ihld run --once`` on the jobs (one file, or ``split``: one file a job); makespan
+    from the first claim to the last result."""
     root = workdir / policy
-    (root / "spool" / "inbox").mkdir(parents=True)
+    inbox = root / "spool" / "inbox"
+    inbox.mkdir(parents=True)
     config = root / "ihld.toml"
     config.write_text(_config(root / "spool", url, kind, policy, slots))
-    (root / "spool" / "inbox" / "batch.jsonl").write_text(
-        "".join(json.dumps(job) + "\n" for job in jobs)
-    )
+    if split:
+        for n, job in enumerate(jobs):
+            (inbox / f"job-{n:05d}.json").write_text(json.dumps(job) + "\n")
+    else:
+        (inbox / "batch.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -346,7 +358,10 @@ async def bench_real(
                     elif name == "file-order":
                         run = await run_file_order(session, url, workload, slots)
                     else:
-                        run = await run_ihld(url, kind, name, workload, slots, Path(tmp))
+                        run = await run_ihld(
+                            url, kind, name, workload, slots, Path(tmp),
+                            split=workload_name == "files",
+                        )  # fmt: skip
                 run.loads = dict(counter.loads)
                 results.append(run)
     return results
@@ -377,17 +392,18 @@ def _epoch(stamp: str) -> float:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``ihld bench --backend URL``: run the workload's runs and print their table."""
-    name = "rubrics" if args.workload == "rubrics" else "aba"
+    name = args.workload if args.workload in ("rubrics", "files") else "aba"
     known = RUBRIC_RUNS if name == "rubrics" else RUNS
     models = tuple(m.strip() for m in args.models.split(","))
     runs = tuple(p.strip() for p in args.policy.split(",")) if args.policy else known
     wanted = 1 if name == "rubrics" else 2
     if (
         len(models) != wanted
-        or args.workload not in ("seed", "aba", "rubrics")
+        or args.workload not in ("seed", "aba", "rubrics", "files")
         or set(runs) - set(known) - set(EXTRA_RUNS)
     ):
-        print("ihld bench --backend: workload aba with --models A,B (runs among "
+        print("ihld bench --backend: workload aba (or files: one file a job) with --models "
+              "A,B (runs among "
               f"{', '.join(RUNS + EXTRA_RUNS)}), or rubrics with --models M (runs among "
               f"{', '.join(RUBRIC_RUNS)})", file=sys.stderr)  # fmt: skip
         return 2

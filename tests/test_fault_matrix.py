@@ -45,6 +45,10 @@ ONE_BACKEND: dict[str, tuple[str, str | None]] = {
     "busy": ("outbox", None),
     "hang": ("failed", "read_timeout"),  # no first byte within the allowance
 }
+# The first-byte allowance grows with the learned load and service times: on a busy
+# machine it can pass stage_timeout_s, which then ends the attempt first. Either way
+# the job fails with a timeout, in bounded time.
+SAME_END = {("failed", "read_timeout"): {("failed", "stage_timeout")}}
 # The same faults on backend "a" only, beside a healthy backend "b": what the model
 # lacks on one server it finds on the other; what the request itself gets wrong fails
 # on both. A deterministic per-request fault on "a" (mid-stream, silent, hang) ends
@@ -135,7 +139,7 @@ async def test_fault_matrix(tmp_path: Path, backends: int) -> None:
         if want is None:
             assert end[0] == "outbox" or end[1] in ("stream_error", "read_timeout"), job_id
         else:
-            assert end == want, job_id
+            assert end == want or end in SAME_END.get(want, set()), job_id
     for record in (tmp_path / "spool" / "failed").glob("*.json"):
         error = json.loads(record.read_text())["error"]
         assert error["stage"] == "s" and error["message"], record.name

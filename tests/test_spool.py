@@ -31,6 +31,25 @@ def test_prepare_creates_layout_with_group_writable_inbox(spool: Spool) -> None:
     assert spool.inbox.stat().st_mode & 0o7777 == 0o2770
 
 
+def test_prepare_tolerates_another_node_making_the_same_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: two nodes sharing a spool start at once; one made ``shared/`` between the
+    other's look and its mkdir, which failed the second daemon's start."""
+    real_mkdir = Path.mkdir
+
+    def other_node_first(self: Path, mode: int = 0o777, *args: object, **kwargs: object) -> None:
+        if not self.exists():
+            real_mkdir(self, mode)  # the other node wins the race
+        real_mkdir(self, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", other_node_first)
+    spool = Spool(tmp_path / "shared", node="b")
+    spool.prepare()
+    monkeypatch.undo()
+    assert spool.inbox.is_dir() and spool.run_dir.is_dir()
+
+
 def test_publish_never_overwrites(spool: Spool) -> None:
     assert spool.publish(spool.outbox, "a", {"v": 1}) == spool.outbox / "a.json"
     assert spool.publish(spool.outbox, "a", {"v": 2}) is None

@@ -93,10 +93,11 @@ class Spool:
         )
         for directory in dirs:
             try:
-                if not directory.exists():
-                    directory.mkdir(mode=0o750)
-                    if directory == self.inbox:
-                        _make_group_inbox(directory)
+                directory.mkdir(mode=0o750)
+                if directory == self.inbox:
+                    _make_group_inbox(directory)
+            except FileExistsError:
+                pass  # there already, or another node sharing the spool made it just now
             except OSError as exc:
                 raise SpoolError(
                     f"cannot create spool directory {directory}: {exc.strerror}; "

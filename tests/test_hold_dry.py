@@ -52,8 +52,8 @@ def unloads(actions: list[object]) -> list[str]:
 
 
 def test_a_dry_model_with_nothing_on_its_way_is_given_up_at_once() -> None:
-    _, actions = a_ran_dry(arriving=False)
-    assert unloads(actions) == ["a"]
+    sched, actions = a_ran_dry(arriving=False)
+    assert unloads(actions) == ["a"] and sched.stats.holds == 0
 
 
 def test_a_dry_model_is_held_while_jobs_are_arriving_for_up_to_its_load_time() -> None:
@@ -62,6 +62,7 @@ def test_a_dry_model_is_held_while_jobs_are_arriving_for_up_to_its_load_time() -
     assert sched.next_wakeup(3.0) == 3.0 + LOAD_S  # asked again when the hold ends
     assert unloads(sched.next_actions(3.0 + LOAD_S - 0.1)) == []
     assert unloads(sched.next_actions(3.0 + LOAD_S)) == ["a"]  # waiting longer costs more
+    assert sched.stats.holds == 1  # one dry spell, however often it was asked
 
 
 def test_work_that_arrives_during_the_hold_runs_without_a_switch() -> None:

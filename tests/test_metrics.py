@@ -113,6 +113,7 @@ def test_gauges_are_read_from_the_status_at_scrape_time() -> None:
         },
         "jobs": {"in_progress": 9},
         "eta_s": 120.5,
+        "holds": 2,
     }
     metrics = Metrics(lambda: state)
     s = samples(metrics.render().decode())
@@ -125,6 +126,7 @@ def test_gauges_are_read_from_the_status_at_scrape_time() -> None:
     assert value(s, "ihld_model_resident", backend="gpu", model="qwen2.5:7b", state="loaded") == 1
     assert value(s, "ihld_jobs_in_progress") == 9
     assert value(s, "ihld_eta_seconds") == 120.5
+    assert value(s, "ihld_model_holds_total") == 2
     state["models"]["qwen2.5:7b"]["ready"] = 3  # read again at the next scrape
     assert value(samples(metrics.render().decode()), "ihld_ready_stages", model="qwen2.5:7b") == 3
 

@@ -98,6 +98,7 @@ class EngineSnapshot:
     eta_s: float | None
     loads: int
     load_s_total: float
+    holds: int = 0  # a dry model kept its slots for work on its way ([scheduler] hold_dry)
     jobs_waiting: int = 0  # in the job store, not yet in memory
     waiting_by_model: dict[str, int] = field(default_factory=dict)  # by first stage's model
     models: dict[str, ModelView] = field(default_factory=dict)
@@ -127,6 +128,7 @@ class EngineSnapshot:
             "eta_s": self.eta_s,
             "loads": self.loads,
             "load_s_total": self.load_s_total,
+            "holds": self.holds,
             "models": {key: view.as_dict() for key, view in self.models.items()},
             "backends": {name: vars(view).copy() for name, view in self.backends.items()},
         }
@@ -239,6 +241,7 @@ def build(
         jobs_waiting=waiting.jobs,
         waiting_by_model=dict(waiting.by_model),
         loads=scheduler.stats.loads,
+        holds=scheduler.stats.holds,
         load_s_total=round(sum(f.load_s_total for f in figures.values()), 3),
         models={key: ModelView(**values) for key, values in models.items()},
         backends=backends,

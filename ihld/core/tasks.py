@@ -75,6 +75,7 @@ class Resident:
     parallel: int | None = None
     foreign: bool = False  # loaded by someone else; seen in the server's list
     dry_since: float | None = None  # loaded, idle and nothing queued since (the policy's mark)
+    held: bool = False  # this dry spell kept the model from a switch (counted once)
 
     @property
     def idle(self) -> bool:
@@ -295,3 +296,4 @@ class SchedulerStats:
     loads: int = 0
     unloads: int = 0
     switches_forced: int = 0  # switches made because of the wait bound
+    holds: int = 0  # times a dry model kept its slots for work on its way (hold_dry)

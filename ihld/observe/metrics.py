@@ -44,7 +44,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ihld import __version__
@@ -263,7 +263,11 @@ class _StateCollector(Collector):
             "ihld_eta_seconds",
             "Estimated time to finish the jobs in progress (absent until rates are learned).",
         )
-        families: list[Metric] = [info, ready, inflight, up, resident, jobs, eta]
+        holds = CounterMetricFamily(
+            "ihld_model_holds",
+            "Times a model that ran dry kept its slots for work on its way (hold_dry).",
+        )
+        families: list[Metric] = [info, ready, inflight, up, resident, jobs, eta, holds]
         if not snap:
             return families
         info.add_metric([__version__, str(snap.get("policy", ""))], 1)
@@ -277,4 +281,5 @@ class _StateCollector(Collector):
         jobs.add_metric([], snap.get("jobs", {}).get("in_progress", 0))
         if snap.get("eta_s") is not None:
             eta.add_metric([], snap["eta_s"])
+        holds.add_metric([], snap.get("holds", 0))
         return families

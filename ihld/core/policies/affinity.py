@@ -114,6 +114,7 @@ class Affinity:
             dry = resident.state is ModelState.LOADED and resident.idle and not queue
             if not dry:
                 resident.dry_since = None
+                resident.held = False
             elif resident.dry_since is None:
                 resident.dry_since = now
 
@@ -129,7 +130,12 @@ class Affinity:
             for queue in self.s.queues.values()
         ):
             return False
-        return self.s.work_coming(resident.key)
+        if not self.s.work_coming(resident.key):
+            return False
+        if not resident.held:
+            resident.held = True
+            self.s.stats.holds += 1
+        return True
 
     def _holding_for(self, backend: BackendSlots, head: Task, now: float) -> bool:
         """Keep slots free for an overdue job: one of its stages runs (or is being saved)

@@ -2,8 +2,9 @@
 
 The scheduler with real Task objects: model "a" is loaded on a one-model
 backend and has just finished everything it had; model "b" has ready work.
-Whether "a" is given up at once depends on what is about to need it. Then the
-daemon's own signal, ``Daemon._arriving``, from a real inbox and job store.
+Whether "a" is given up at once depends on what is about to need it. Then one of
+the signals ``Daemon._arriving`` combines, the watcher's, on a real inbox (the
+feeder's is in tests/test_queue.py).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def test_a_successor_in_flight_elsewhere_holds_the_model_it_needs() -> None:
     assert unloads(sched.next_actions(3.5)) == ["a"]  # nothing on its way to "a" any more
 
 
-def test_the_daemon_sees_files_settling_in_the_inbox(tmp_path: Path) -> None:
+def test_the_watcher_says_when_files_are_settling(tmp_path: Path) -> None:
     from ihld.core.spool import Spool
     from ihld.core.watcher import InboxWatcher
 

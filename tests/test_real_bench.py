@@ -11,7 +11,8 @@ from pathlib import Path
 
 import aiohttp
 
-from ihld.bench.real import LoadCounter, aba_jobs, run_hand_batched, table, unload_all
+from ihld.bench.real import aba_jobs, run_hand_batched, table
+from ihld.bench.serverstate import LoadCounter, unload_all
 from ihld.sim import start_sim
 from ihld.sim.profiles import get_profile, profile_to_json
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from ihld.bench.real import LoadCounter, unload_all
+from ihld.bench.serverstate import LoadCounter, unload_all
 from ihld.sim.profiles import ModelSpec, Profile
 
 # A prompt of about 200 tokens, the same for every request, and a cache-defeating suffix

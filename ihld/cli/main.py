@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload",
         default="seed",
         help="comma-separated: seed, seed-4slot, three-models, stream, urgent, overhead, "
-        "rubrics; multi-1, multi-2, multi-4 (several backends); scale, scale-10k, "
+        "rubrics, files; multi-1, multi-2, multi-4 (several backends); scale, scale-10k, "
         "scale-100k, scale-1m (queue size: memory, disk, restart) (default: seed)",
     )
     bench.add_argument(

@@ -146,8 +146,8 @@ class Engine:
         Backends, the policy and the spool keep their old values until a restart.
         """
         self.config, restart = live_update(self.config, config)
-        live = ("max_wait_s", "fair_wait_s", "prefetch", "fifo_workers", "prompt_cache")
-        for name in (*live, "longest_first", "hold_dry"):
+        for name in ("max_wait_s", "fair_wait_s", "prefetch", "fifo_workers", "prompt_cache",
+                     "longest_first", "hold_dry"):  # the scheduler's own copies of the keys
             setattr(self.scheduler, name, getattr(self.config.scheduler, name))
         self.kick()
         return restart

@@ -108,7 +108,8 @@ class Affinity:
                 self.s.dispatch(backend, queue, actions)
 
     def _mark_dry(self, backend: BackendSlots, now: float) -> None:
-        """Note when each loaded model ran dry: idle, nothing queued (``_held`` counts from it)."""
+        """Note when each loaded model ran dry: idle, nothing queued. ``_victim`` gives up only
+        dry models (unless forced), and ``_held`` counts from that moment."""
         for resident in backend.resident.values():
             queue = self.s.queues.get(resident.key)
             dry = resident.state is ModelState.LOADED and resident.idle and not queue
@@ -120,7 +121,8 @@ class Affinity:
 
     def _held(self, resident: Resident, now: float) -> bool:
         """Does a dry model keep its slots: work for it is on its way, it ran dry less than
-        its load time ago, and no other model's work has waited ``max_wait_s``?"""
+        its load time ago, and no other model's work has waited ``max_wait_s``? Each dry
+        spell that kept a model from a switch counts once in ``stats.holds``."""
         if not self.s.hold_dry or resident.dry_since is None:
             return False
         if now >= resident.dry_since + self.s.costs.load_s(resident.key):
@@ -286,11 +288,7 @@ class Affinity:
         loaded = [r for r in backend.resident.values() if r.state is ModelState.LOADED]
         if only is not None:
             loaded = [r for r in loaded if r is only]
-        idle = [
-            r
-            for r in loaded
-            if r.idle and not len(self.s.queues.get(r.key) or ()) and not self._held(r, now)
-        ]
+        idle = [r for r in loaded if r.dry_since is not None and not self._held(r, now)]
         if idle:
             return min(idle, key=lambda r: r.since)
         if not forced or not loaded:
